@@ -1,0 +1,5 @@
+"""The one exception type a step raises for bad input; the CLI prints it as a message, not a traceback."""
+
+
+class StepError(Exception):
+    """Input or arguments a step cannot work with; the message says what to change."""

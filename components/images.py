@@ -1,0 +1,157 @@
+"""Safe image decoding, normalisation to RGB, shrinking and perceptual hashing.
+
+Every step that opens a photo someone uploaded goes through `decode_image`, so the rules for
+hostile files (decompression bombs, truncation, files that only pretend to be images) live in
+one place and give the same verdicts in cleaning, training, evaluation and serving.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Truncated files must fail loudly instead of being padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+DEFAULT_MAX_PIXELS = 64_000_000
+JPEG_QUALITY = 90
+
+
+class ImageDecodeError(ValueError):
+    """A file that cannot become an RGB photo; `reason` is a short machine-readable verdict."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB
+    source_format: str
+    source_size: tuple[int, int]  # width, height as stored (before EXIF rotation)
+
+
+def decode_image(
+    data: bytes | io.BufferedIOBase,
+    *,
+    fit: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """Fully decode `data` into an upright RGB image, or raise ImageDecodeError.
+
+    `fit` lets JPEG decoding use DCT scaling (draft mode) when the result will be shrunk to fit
+    a fit×fit box anyway: that is most of the speed of the clean step.
+    """
+    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    with warnings.catch_warnings():
+        # Pillow only warns between max_pixels and 2×max_pixels; treat the warning as the error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return _decode(stream, fit)
+        except ImageDecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError("too_many_pixels", str(exc)) from None
+        except UnidentifiedImageError:
+            raise ImageDecodeError("not_an_image", "content is not a recognised image format") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+            raise ImageDecodeError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _decode(stream: io.BufferedIOBase, fit: int | None) -> DecodedImage:
+    image = Image.open(stream)
+    source_format = image.format or "unknown"
+    source_size = image.size
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        # Some plugins only check on load; refuse before allocating anything.
+        raise ImageDecodeError(
+            "too_many_pixels", f"{image.width}x{image.height} exceeds {Image.MAX_IMAGE_PIXELS} pixels"
+        )
+    if fit and source_format == "JPEG":
+        image.draft("RGB", (fit, fit))
+    image.load()  # full decode: truncated and corrupt files fail here, not later
+    image = ImageOps.exif_transpose(image)
+    return DecodedImage(to_rgb(image), source_format, source_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited over white, 16-bit is scaled."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.int64)
+        # 16-bit PNGs decode as "I"; anything wider than 16 bits is clipped.
+        array = np.clip(array, 0, 65535) >> 8 if array.max(initial=0) > 255 else np.clip(array, 0, 255)
+        return Image.fromarray(array.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        scaled = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def shrink_to_fit(image: Image.Image, size: int) -> Image.Image:
+    """Fit inside size×size keeping the aspect ratio; never enlarge."""
+    if image.width <= size and image.height <= size:
+        return image
+    image = image.copy()
+    image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    """Deterministic JPEG bytes (no timestamps, fixed settings), so re-runs are byte-identical."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False)
+    return buffer.getvalue()
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    matrix = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """64-bit pHash: low DCT frequencies of a 32×32 grey thumbnail against their median.
+
+    It survives re-encoding and resizing, which is what makes two listings the same photo.
+    """
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    coefficients = (_DCT32 @ grey @ _DCT32.T)[:8, :8].flatten()
+    bits = coefficients > np.median(coefficients[1:])
+    return int(sum(1 << i for i, bit in enumerate(bits) if bit))
+
+
+def thumbnail_signature(image: Image.Image) -> bytes:
+    """16×16 grey pixels: a second opinion that confirms a pHash match is the same picture."""
+    return image.convert("L").resize((16, 16), Image.Resampling.BILINEAR).tobytes()
+
+
+def signature_distance(a: bytes, b: bytes) -> float:
+    """Mean absolute grey difference (0–255) between two thumbnail signatures."""
+    return float(np.mean(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8))))
