@@ -156,7 +156,9 @@ def discover(raw: Path) -> tuple[list[_Candidate], list[FileVerdict]]:
             path = os.path.join(directory, entry.name)
             if entry.is_symlink():
                 if not os.path.exists(path):
-                    verdicts.append(FileVerdict(source, category, "dropped", "broken_link", os.readlink(path)))
+                    verdicts.append(
+                        FileVerdict(source, category, "dropped", "broken_link", os.readlink(path))
+                    )
                     continue
                 if not inside_raw(path):
                     target = os.path.realpath(path)
@@ -177,7 +179,9 @@ def discover(raw: Path) -> tuple[list[_Candidate], list[FileVerdict]]:
                 )
             elif category is None:
                 verdicts.append(
-                    FileVerdict(source, None, "dropped", "no_category", "files must be inside RAW/<category>/")
+                    FileVerdict(
+                        source, None, "dropped", "no_category", "files must be inside RAW/<category>/"
+                    )
                 )
             else:
                 candidates.append(_Candidate(len(candidates), path, source, category))
@@ -363,8 +367,14 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
     for candidate, item in zip(candidates, decoded, strict=True):
         if item.error_reason:
             verdicts.append(
-                FileVerdict(candidate.source, candidate.category, "dropped", item.error_reason,
-                            item.error_detail, sha256=item.sha256)
+                FileVerdict(
+                    candidate.source,
+                    candidate.category,
+                    "dropped",
+                    item.error_reason,
+                    item.error_detail,
+                    sha256=item.sha256,
+                )
             )
         else:
             images.append(item)
@@ -378,7 +388,11 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
             for position, candidate in zip(members, group, strict=True):
                 others = [c.source for c in group if c is not candidate]
                 dropped[position] = FileVerdict(
-                    candidate.source, candidate.category, "dropped", "label_conflict", detail,
+                    candidate.source,
+                    candidate.category,
+                    "dropped",
+                    "label_conflict",
+                    detail,
                     duplicate_of=others[0],
                 )
             continue
@@ -390,8 +404,11 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
             kind = "exact" if images[position].sha256 == images[keeper].sha256 else "near"
             pair = why.get((min(position, keeper), max(position, keeper)), kind)
             dropped[position] = FileVerdict(
-                candidates[images[position].index].source, candidates[images[position].index].category,
-                "dropped", "duplicate", f"{pair} duplicate of {candidates[images[keeper].index].source}",
+                candidates[images[position].index].source,
+                candidates[images[position].index].category,
+                "dropped",
+                "duplicate",
+                f"{pair} duplicate of {candidates[images[keeper].index].source}",
                 duplicate_of=candidates[images[keeper].index].source,
             )
     kept = [(candidates[item.index], item) for p, item in enumerate(images) if p not in dropped]
@@ -399,7 +416,10 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
     for position, item in enumerate(images):
         candidate = candidates[item.index]
         verdict = dropped.get(position) or FileVerdict(
-            candidate.source, candidate.category, "kept", output=names[candidate.index],
+            candidate.source,
+            candidate.category,
+            "kept",
+            output=names[candidate.index],
             product_id=product_id(Path(candidate.source).name),
         )
         verdict.sha256 = item.sha256
@@ -435,7 +455,9 @@ def _publish(out: Path, staging: Path, result: CleanResult, index_of: dict[str, 
 
 def summary(result: CleanResult) -> str:
     totals = result.totals()
-    lines = [f"clean: {totals['files']} files, {totals['kept']} kept in {len(result.per_category())} categories"]
+    lines = [
+        f"clean: {totals['files']} files, {totals['kept']} kept in {len(result.per_category())} categories"
+    ]
     for reason, count in totals["dropped"].items():
         lines.append(f"  dropped {count:>6}  {reason}")
     return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""The console script as users run it: a real `shopvision` process."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STEPS = ["clean", "split", "balance", "augment"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("shopvision", path=str(Path(sys.executable).parent))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_step_has_help(step):
+    done = run(step, "--help")
+    assert done.returncode == 0 and f"usage: shopvision {step}" in done.stdout
+
+
+def test_top_level_help_lists_every_step():
+    done = run("--help")
+    assert all(step in done.stdout for step in STEPS)
+
+
+def test_missing_input_is_one_clear_line_not_a_traceback(tmp_path):
+    done = run("clean", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_refuses_a_foreign_non_empty_output_and_leaves_it_alone(sample_raw, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    done = run("clean", str(sample_raw), str(out), "--size", "32")
+    assert done.returncode == 2 and "refusing to write" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_the_data_steps_chain_through_the_cli(sample_raw, tmp_path):
+    assert (
+        run("clean", str(sample_raw), str(tmp_path / "c"), "--size", "48", "--workers", "2").returncode == 0
+    )
+    report = json.loads((tmp_path / "c" / "clean_report.json").read_text())
+    assert report["totals"]["files"] == 174
+    done = run("split", str(tmp_path / "c"), str(tmp_path / "s"))
+    assert done.returncode == 0 and "train" in done.stdout
+    done = run("balance", str(tmp_path / "s"), str(tmp_path / "b"), "--percentile", "98")
+    assert done.returncode == 0 and "target" in done.stdout
+    done = run("augment", str(tmp_path / "b"), str(tmp_path / "a"), "--skip", "grain", "--angle", "10")
+    assert done.returncode == 0, done.stderr
+    assert not list((tmp_path / "a" / "train").rglob("*.grain.jpg"))
+    assert list((tmp_path / "a" / "train").rglob("*.rot_cw.jpg"))
