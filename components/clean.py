@@ -40,6 +40,7 @@ from .progress import Progress
 
 REPORT_NAME = "clean_report.json"
 STAGING_NAME = ".clean-staging"
+MARKER_NAME = ".shopvision-clean"
 # Near duplicates: pHash within this many bits AND thumbnails this close (mean grey difference).
 # On the 2,936 grocery photos this flags 7 pairs at 2–6 bits, all burst shots of the same frame
 # (which would otherwise leak across splits); re-encoded or resized copies sit at 0–2 bits.
@@ -164,6 +165,20 @@ def discover(raw: Path) -> tuple[list[_Candidate], list[FileVerdict]]:
                     target = os.path.realpath(path)
                     verdicts.append(
                         FileVerdict(source, category, "dropped", "link_outside_raw", f"points to {target}")
+                    )
+                    continue
+                if os.path.isdir(path):
+                    # Its target is inside RAW and is cleaned from its own place, under its own category;
+                    # following it would file those photos a second time under this folder's category.
+                    target = os.path.relpath(os.path.realpath(path), raw_real)
+                    verdicts.append(
+                        FileVerdict(
+                            source,
+                            category,
+                            "dropped",
+                            "folder_link_inside_raw",
+                            f"links to {target}, which is cleaned where it is",
+                        )
                     )
                     continue
             try:
@@ -314,15 +329,22 @@ def _output_names(kept: list[tuple[_Candidate, _Decoded]]) -> dict[int, str]:
     return names
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CleanError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (out / REPORT_NAME).exists():
+    ours = (out / REPORT_NAME).exists() or (out / MARKER_NAME).exists()
+    if out.exists() and any(out.iterdir()) and not ours:
         raise CleanError(
             f"output folder {out} is not empty and holds no {REPORT_NAME}: refusing to write into a folder "
             "that was not made by 'shopvision clean' (choose an empty or new folder)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    # Written before anything else, so a rerun after a crash recognises the folder as ours.
+    (out / MARKER_NAME).write_text("made by shopvision clean\n")
 
 
 def clean(
@@ -340,8 +362,10 @@ def clean(
         raise CleanError(f"raw folder {raw} does not exist or is not a folder")
     if size < 16:
         raise CleanError(f"--size must be at least 16 pixels, got {size}")
-    if os.path.realpath(out).startswith(os.path.realpath(raw) + os.sep):
-        raise CleanError("the output folder must not be inside the raw folder")
+    if _overlaps(Path(os.path.realpath(raw)), Path(os.path.realpath(out))):
+        raise CleanError(
+            "the raw and output folders must be separate: neither may be, or be inside, the other"
+        )
     _prepare_out(out)
     workers = workers or os.cpu_count() or 1
 
@@ -358,6 +382,7 @@ def clean(
     atomic_write_text(report or out / REPORT_NAME, result.to_json())
     if report and report != out / REPORT_NAME:
         atomic_write_text(out / REPORT_NAME, result.to_json())
+    (out / MARKER_NAME).unlink(missing_ok=True)  # the report marks the folder from now on
     return result
 
 
@@ -445,7 +470,7 @@ def _publish(out: Path, staging: Path, result: CleanResult, index_of: dict[str, 
         os.replace(staging / f"{index_of[verdict.source]}{IMAGE_SUFFIX}", target)
     for path in sorted(out.rglob("*"), reverse=True):
         relative = path.relative_to(out).as_posix()
-        if relative.startswith(STAGING_NAME) or relative == REPORT_NAME:
+        if relative.startswith(STAGING_NAME) or relative in (REPORT_NAME, MARKER_NAME):
             continue
         if path.is_file() and relative not in wanted:
             path.unlink()

@@ -62,11 +62,22 @@ def decode_image(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageDecodeError("too_many_pixels", str(exc)) from None
         except UnidentifiedImageError:
+            if _has_image_signature(stream):
+                raise ImageDecodeError("corrupt_image", "starts like an image but cannot be parsed") from None
             raise ImageDecodeError("not_an_image", "content is not a recognised image format") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
             raise ImageDecodeError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
         finally:
             Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(stream: io.BufferedIOBase) -> bool:
+    stream.seek(0)
+    head = stream.read(16)
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _decode(stream: io.BufferedIOBase, fit: int | None) -> DecodedImage:
@@ -92,8 +103,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.int64)
-        # 16-bit PNGs decode as "I"; anything wider than 16 bits is clipped.
-        array = np.clip(array, 0, 65535) >> 8 if array.max(initial=0) > 255 else np.clip(array, 0, 255)
+        # 16-bit modes always scale (a dark 16-bit photo stays dark); the generic 32-bit "I" mode only
+        # scales when it holds values beyond 8 bits, and anything wider than 16 bits is clipped.
+        wide = mode != "I" or array.max(initial=0) > 255
+        array = np.clip(array, 0, 65535) >> 8 if wide else np.clip(array, 0, 255)
         return Image.fromarray(array.astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         array = np.nan_to_num(np.asarray(image, dtype=np.float64))
