@@ -227,8 +227,8 @@ def _decode_one(job: tuple[_Candidate, int, int, str]) -> _Decoded:
     return _Decoded(
         candidate.index,
         sha,
-        perceptual_hash(image),
-        thumbnail_signature(image),
+        perceptual_hash(grey := image.convert("L")),
+        thumbnail_signature(grey),
         decoded.source_format,
         decoded.source_size,
         image.size,

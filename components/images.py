@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Truncated files must fail loudly instead of being padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -92,7 +92,8 @@ def _decode(stream: io.BufferedIOBase, fit: int | None) -> DecodedImage:
     if fit and source_format == "JPEG":
         image.draft("RGB", (fit, fit))
     image.load()  # full decode: truncated and corrupt files fail here, not later
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
+        image = ImageOps.exif_transpose(image)
     return DecodedImage(to_rgb(image), source_format, source_size)
 
 
@@ -123,12 +124,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def shrink_to_fit(image: Image.Image, size: int) -> Image.Image:
-    """Fit inside size×size keeping the aspect ratio; never enlarge."""
-    if image.width <= size and image.height <= size:
+    """Fit inside size×size keeping the aspect ratio; never enlarge.
+
+    One bicubic resize (Pillow's own thumbnail filter) with reducing_gap, which shrinks big photos
+    by cheap integer box reduction first; no intermediate copy.
+    """
+    width, height = image.size
+    if width <= size and height <= size:
         return image
-    image = image.copy()
-    image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return image
+    scale = size / max(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def encode_jpeg(image: Image.Image) -> bytes:
@@ -149,12 +155,16 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT32 = _dct_matrix(32)
 
 
+def _grey(image: Image.Image) -> Image.Image:
+    return image if image.mode == "L" else image.convert("L")
+
+
 def perceptual_hash(image: Image.Image) -> int:
     """64-bit pHash: low DCT frequencies of a 32×32 grey thumbnail against their median.
 
     It survives re-encoding and resizing, which is what makes two listings the same photo.
     """
-    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    grey = np.asarray(_grey(image).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
     coefficients = (_DCT32 @ grey @ _DCT32.T)[:8, :8].flatten()
     bits = coefficients > np.median(coefficients[1:])
     return int(sum(1 << i for i, bit in enumerate(bits) if bit))
@@ -162,7 +172,7 @@ def perceptual_hash(image: Image.Image) -> int:
 
 def thumbnail_signature(image: Image.Image) -> bytes:
     """16×16 grey pixels: a second opinion that confirms a pHash match is the same picture."""
-    return image.convert("L").resize((16, 16), Image.Resampling.BILINEAR).tobytes()
+    return _grey(image).resize((16, 16), Image.Resampling.BILINEAR).tobytes()
 
 
 def signature_distance(a: bytes, b: bytes) -> float:
