@@ -52,15 +52,18 @@ def _from_checkpoint(path: Path) -> Path:
     return target
 
 
-def _download(uri: str) -> Path:
+def download_mlflow_artifacts(uri: str) -> Path:
+    """Fetch an MLflow artifact URI to a local path, with one clear error for every way it fails."""
     import mlflow
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # MLflow raises its own and requests' exceptions
-        raise StepError(
-            f"cannot fetch model {uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from None
+        raise StepError(f"cannot fetch {uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def _download(uri: str) -> Path:
+    local = download_mlflow_artifacts(uri)
     found = sorted(p.parent for p in local.rglob(SPEC_NAME) if (p.parent / WEIGHTS_NAME).is_file())
     if not found:
         raise StepError(f"{uri} holds no shopvision model ({SPEC_NAME} + {WEIGHTS_NAME})")

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw_argv)
+    args.raw_argv = raw_argv  # a launcher (train) hands the same arguments to its workers
     try:
         args.run(args)
     except StepError as exc:

@@ -1,0 +1,110 @@
+"""shopvision train: ResNet (or EfficientNet-Lite0) training with DDP via torchrun, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from . import add_step, positive_int
+
+ORDER = 20
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, a checkpoint was written
+
+
+def _config(args: argparse.Namespace):
+    from shopvision.components.train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["data"], values["out"] = str(args.data), str(args.out)
+    if args.depth:
+        values["arch"] = f"resnet{args.depth}"
+    return TrainConfig(**values)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from shopvision.components import distributed, launch
+    from shopvision.components.errors import StepError
+    from shopvision.components.train import Preempted, run
+    from shopvision.components.train_data import train_labels
+    from shopvision.components.train_record import resolve_tracking_uri
+
+    cfg = _config(args)
+    if distributed.under_torchrun() or (args.nodes == 1 and args.nproc_per_node == 1):
+        try:
+            run(cfg)
+        except Preempted as exc:
+            print(f"shopvision train: {exc}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
+        return
+    # Launcher: check what would otherwise fail in every worker, then start torchrun.
+    from shopvision.components.tracking import check_tracking_server
+
+    train_labels(Path(args.data))
+    check_tracking_server(resolve_tracking_uri(args.tracking_uri))
+    worker_args = args.raw_argv[args.raw_argv.index("train") + 1 :]
+    port = args.master_port or (launch.free_port() if args.nodes == 1 else 29500)
+    code = launch.run_torchrun(
+        launch.torchrun_command(
+            worker_args,
+            nodes=args.nodes,
+            nproc_per_node=args.nproc_per_node,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=port,
+        )
+    )
+    if code != 0:
+        if code == PREEMPTED_EXIT or code == -15:
+            sys.exit(PREEMPTED_EXIT)
+        raise StepError(f"training workers failed (torchrun exit status {code}); see the worker output above")
+
+
+def add_parser(steps) -> None:
+    from shopvision.components.models import ARCHITECTURES, RESNET_DEPTHS
+
+    p = add_step(
+        steps,
+        "train",
+        "train a ResNet (default 34) on DATA/train, validate on DATA/val, track in MLflow",
+        _run,
+    )
+    p.add_argument("data", type=Path, help="DATA/train/<category>/*.jpg and DATA/val/<category>/*.jpg")
+    p.add_argument("--out", type=Path, required=True, help="checkpoints, model_best/, run.json, history")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="resnet34")
+    p.add_argument("--depth", type=int, choices=RESNET_DEPTHS, help="short for --arch resnet<DEPTH>")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per process (GPU)")
+    p.add_argument("--workers", type=int, default=2, help="data-loader processes per training process")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument(
+        "--nproc-per-node", type=positive_int, default=1, help="GPUs per node (CPU processes without)"
+    )
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank when --nodes > 1")
+    p.add_argument("--master-addr", default="127.0.0.1", help="rank-0 node's address when --nodes > 1")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: free port; 29500 multi-node)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument(
+        "--pretrained",
+        help="'imagenet' (efficientnet_lite0 only), a state-dict path, s3://, runs:/, models:/",
+    )
+    p.add_argument("--freeze-backbone", action="store_true", help="train the classifier head only")
+    p.add_argument("--resume", help="'auto' (continue from OUT/latest.pt when present) or a checkpoint path")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="epoch_<k>.pt files to keep")
+    p.add_argument(
+        "--amp", choices=["auto", "bf16", "off"], default="auto", help="auto: bf16 on GPU, off on CPU"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    p.add_argument("--experiment", default="shopvision")
+    p.add_argument("--run-name")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, help="cap steps per epoch (smoke tests)")
