@@ -8,7 +8,20 @@ from pathlib import Path
 
 import pytest
 
-STEPS = ["clean", "split", "balance", "augment"]
+STEPS = [
+    "clean",
+    "split",
+    "balance",
+    "augment",
+    "train",
+    "classify",
+    "evaluate",
+    "register",
+    "promote",
+    "rollback",
+    "deploy",
+    "serve",
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -558,7 +558,9 @@ def check_tracking(objects: list[dict]) -> list[str]:
         problems.append("mlflow: MLFLOW_SERVER_ENABLE_JOB_EXECUTION must be false")
     backend = env_value(c, "MLFLOW_BACKEND_STORE_URI") or ""
     if (
-        not backend.startswith("postgresql://")
+        not backend.startswith(
+            "postgresql+psycopg2://"
+        )  # SQLAlchemy 2.1 maps bare postgresql:// to psycopg 3
         or f"@postgres.{NAMESPACE}.svc.cluster.local:5432/" not in backend
     ):
         problems.append(f"mlflow: the backend store must be the postgres Service, got {backend!r}")

@@ -1,0 +1,481 @@
+"""The evaluate step: a model against a labelled test folder, with every number a reviewer asks for.
+
+    OUT/predictions.csv      true category, product id, file, top-1 right?, predicted 1..k with probability
+    OUT/metrics.json         top-1/top-5 accuracy, per-category precision/recall/F1/support, macro and
+                             weighted averages, counts, top confusions, the confidence threshold,
+                             macro-category accuracy (with a taxonomy)
+    OUT/confusion_matrix.png row-normalised; names and per-cell values only while they stay legible
+    OUT/confusions.csv       every off-diagonal cell, most photos first
+    OUT/coverage.csv/.png    per threshold 0.00..0.99: share of photos at least that sure, accuracy on them
+    OUT/model/               the evaluated model with spec.extra["confidence_threshold"] set
+
+`compute_metrics` turns predictions into the metrics dictionary without touching a file, so it can
+be checked on hand-made predictions; `evaluate` adds the reading, writing and MLflow logging.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as m
+from .dataset import SPLITS
+from .errors import StepError
+from .naming import atomic_write_text, link_or_copy, product_id
+from .predict import PhotoPrediction, UnreadablePhoto, collect_files, pick_device, predict_files
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+CONFUSIONS_FILE = "confusions.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+COVERAGE_FILE = "coverage.csv"
+COVERAGE_PNG = "coverage.png"
+MODEL_DIR = "model"
+THRESHOLD_KEY = "confidence_threshold"  # spec.extra key, metrics.json key, run tag, model version tag
+DEFAULT_TARGET_ACCURACY = 0.95
+TOP_K = 5
+TOP_CONFUSIONS_IN_JSON = 20
+# Beyond these many categories, names and cell values would overlap on any sensible figure size.
+NAMED_TICKS_UP_TO = 40
+CELL_VALUES_UP_TO = 15
+
+
+@dataclass
+class EvaluationResult:
+    out: Path
+    metrics: dict
+    model_dir: Path  # OUT/model, the evaluated model carrying the confidence threshold
+    unreadable: list[UnreadablePhoto] = field(default_factory=list)
+    run_id: str | None = None
+
+    @property
+    def confidence_threshold(self) -> float | None:
+        return self.metrics[THRESHOLD_KEY]
+
+
+def find_test_dir(data: Path) -> Path:
+    """TEST_DIR itself (category sub-folders), or the `test/` folder of a split root.
+
+    A folder whose only sub-folders are split names (train, val, test) is a split root.
+    """
+    data = Path(data)
+    if not data.is_dir():
+        raise StepError(f"test data {data} does not exist or is not a folder")
+    subfolders = {p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if subfolders and subfolders <= set(SPLITS):
+        if "test" not in subfolders:
+            raise StepError(f"{data} is a split folder without a test/ split")
+        return data / "test"
+    if not subfolders:
+        raise StepError(f"{data} has no category sub-folders (expected {data}/<category>/<photo>)")
+    return data
+
+
+def labelled_photos(test_dir: Path) -> tuple[list[Path], list[str]]:
+    """Every non-hidden file under each category folder, with its category, sorted."""
+    files, categories = [], []
+    for category_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = collect_files([category_dir])
+        files.extend(found)
+        categories.extend([category_dir.name] * len(found))
+    if not files:
+        raise StepError(f"no photos under {test_dir}/<category>/")
+    return files, categories
+
+
+def read_taxonomy(path: Path) -> dict[str, str]:
+    """`category,macro_category` rows (a header line first) as {category: macro_category}."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise StepError(f"cannot read taxonomy {path}: {exc.strerror or exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"category", "macro_category"} <= {f.strip() for f in reader.fieldnames}:
+        raise StepError(f"taxonomy {path} needs a header line with the columns category,macro_category")
+    taxonomy: dict[str, str] = {}
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        category, macro = row["category"], row["macro_category"]
+        if not category or not macro:
+            raise StepError(f"taxonomy {path} line {line}: empty category or macro_category")
+        if taxonomy.get(category, macro) != macro:
+            raise StepError(
+                f"taxonomy {path} line {line}: {category!r} is under both {taxonomy[category]!r} and {macro!r}"
+            )
+        taxonomy[category] = macro
+    if not taxonomy:
+        raise StepError(f"taxonomy {path} has no rows")
+    return taxonomy
+
+
+def compute_metrics(
+    labels: Sequence[str],
+    true_categories: Sequence[str],
+    predictions: Sequence[PhotoPrediction],
+    *,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    taxonomy: Mapping[str, str] | None = None,
+) -> tuple[dict, np.ndarray, list[str], list[m.CoveragePoint]]:
+    """(metrics, confusion matrix, the matrix's category order, coverage curve) for the predictions.
+
+    `labels` are the model's categories (the index space of `PhotoPrediction.indices`). Test
+    categories the model does not know are appended after them: their photos count as wrong.
+    """
+    if len(true_categories) != len(predictions):
+        raise ValueError("one true category per prediction is needed")
+    if not predictions:
+        raise StepError("no readable test photos to evaluate")
+    if not 0.0 < target_accuracy <= 1.0:
+        raise StepError(f"target accuracy must be in (0, 1], got {target_accuracy}")
+    unknown = sorted(set(true_categories) - set(labels))
+    classes = list(labels) + unknown
+    index = {c: i for i, c in enumerate(classes)}
+    true_index = [index[c] for c in true_categories]
+    ranked = [p.indices for p in predictions]
+    top_k = len(ranked[0])
+    matrix = m.confusion_matrix(true_index, [r[0] for r in ranked], len(classes))
+    report = m.per_category_report(matrix, classes)
+    correct = [t == r[0] for t, r in zip(true_index, ranked, strict=True)]
+    curve = m.coverage_curve([p.probabilities[0] for p in predictions], correct)
+    threshold = m.lowest_threshold(curve, target_accuracy)
+    at = next((p for p in curve if p.threshold == threshold), None)
+    result = {
+        "top1_accuracy": m.top_k_accuracy(true_index, ranked, 1),
+        "top5_accuracy": m.top_k_accuracy(true_index, ranked, TOP_K),
+        "top_k": top_k,
+        "counts": {
+            "images": len(predictions),
+            "correct_top1": int(sum(correct)),
+            "correct_top5": int(sum(t in r[:TOP_K] for t, r in zip(true_index, ranked, strict=True))),
+            "test_categories": len(set(true_categories)),
+            "model_categories": len(labels),
+            "categories_unknown_to_model": unknown,
+        },
+        "macro_avg": report["macro_avg"],
+        "weighted_avg": report["weighted_avg"],
+        "per_category": report["per_category"],
+        "top_confusions": m.top_confusions(matrix, classes, TOP_CONFUSIONS_IN_JSON),
+        THRESHOLD_KEY: threshold,
+        "coverage": {
+            "target_accuracy": target_accuracy,
+            THRESHOLD_KEY: threshold,
+            "covered": at.covered if at else 0,
+            "coverage": at.coverage if at else 0.0,
+            "accuracy": at.accuracy if at else None,
+        },
+    }
+    if taxonomy is not None:
+        predicted = [p.labels[0] for p in predictions]
+        result["macro_category"] = m.macro_category_accuracy(true_categories, predicted, taxonomy)
+    return result, matrix, classes, curve
+
+
+def headline_metrics(metrics: Mapping) -> dict[str, float]:
+    """The scalar results, named as they are logged to MLflow and tagged on model versions."""
+    values = {
+        "test_top1_accuracy": metrics["top1_accuracy"],
+        "test_top5_accuracy": metrics["top5_accuracy"],
+        "test_images": metrics["counts"]["images"],
+    }
+    for average in ("macro_avg", "weighted_avg"):
+        for name, value in metrics[average].items():
+            values[f"test_{average.removesuffix('_avg')}_{name}"] = value
+    if "unreadable" in metrics.get("counts", {}):
+        values["test_unreadable"] = metrics["counts"]["unreadable"]
+    if metrics.get(THRESHOLD_KEY) is not None:
+        values[f"test_{THRESHOLD_KEY}"] = metrics[THRESHOLD_KEY]
+        values["test_coverage_at_threshold"] = metrics["coverage"]["coverage"]
+    if "macro_category" in metrics:
+        values["test_macro_category_accuracy"] = metrics["macro_category"]["accuracy"]
+    return {k: float(v) for k, v in values.items()}
+
+
+def evaluate(
+    model: str | Path,
+    data: Path,
+    out: Path,
+    *,
+    taxonomy: Path | None = None,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> EvaluationResult:
+    from .model_source import resolve_model_dir
+    from .models import SPEC_NAME, WEIGHTS_NAME, load_classifier
+    from .tracking import data_fingerprint
+
+    """Predict every photo of the test folder, write the results to OUT, log them to RUN_ID if given."""
+    if not 0.0 < target_accuracy <= 1.0:
+        raise StepError(f"--target-accuracy must be in (0, 1], got {target_accuracy}")
+    out = Path(out)
+    test_dir = find_test_dir(Path(data))
+    files, categories = labelled_photos(test_dir)
+    mapping = read_taxonomy(taxonomy) if taxonomy else None
+    model_dir = resolve_model_dir(model)
+    target = pick_device(device)
+    network, spec = load_classifier(model_dir, target)
+    if mapping is not None:  # fail before predicting, not after
+        missing = sorted((set(categories) | set(spec.labels)) - set(mapping))
+        if missing:
+            raise StepError(
+                f"taxonomy {taxonomy} has no macro category for {len(missing)} categories of the model or "
+                f"the test data: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+            )
+    _prepare_out(out)
+    predicted = predict_files(network, spec, files, top_k=TOP_K, batch_size=batch_size, progress=progress)
+    category_of = dict(zip(files, categories, strict=True))
+    true_categories = [category_of[p.path] for p in predicted.predictions]
+
+    metrics, matrix, classes, curve = compute_metrics(
+        spec.labels, true_categories, predicted.predictions, target_accuracy=target_accuracy, taxonomy=mapping
+    )
+    metrics["counts"]["files"] = len(files)
+    metrics["counts"]["unreadable"] = len(predicted.unreadable)
+    metrics["unreadable"] = [
+        {"file": u.path.relative_to(test_dir).as_posix(), "reason": u.reason, "detail": u.detail}
+        for u in predicted.unreadable
+    ]
+    metrics["model"] = str(model)
+    metrics["arch"] = spec.arch
+    metrics["test_dir"] = str(test_dir)
+    metrics["test_data_fingerprint"] = data_fingerprint(test_dir)
+    if mapping is not None:
+        metrics["taxonomy"] = str(taxonomy)
+
+    _write_predictions(out / PREDICTIONS_FILE, test_dir, true_categories, predicted.predictions)
+    _write_confusions(out / CONFUSIONS_FILE, m.top_confusions(matrix, classes, limit=None))
+    _write_coverage(out / COVERAGE_FILE, curve)
+    plot_confusion_matrix(matrix, classes, out / CONFUSION_PNG)
+    plot_coverage(curve, target_accuracy, metrics[THRESHOLD_KEY], out / COVERAGE_PNG)
+
+    # The output copy of the model carries the threshold (None: no threshold reaches the target, so
+    # a value from an earlier evaluation must not survive into this copy).
+    spec.extra[THRESHOLD_KEY] = metrics[THRESHOLD_KEY]
+    spec.extra["confidence_target_accuracy"] = target_accuracy
+    if (out / MODEL_DIR).exists():
+        shutil.rmtree(out / MODEL_DIR)
+    link_or_copy(model_dir / WEIGHTS_NAME, out / MODEL_DIR / WEIGHTS_NAME)
+    atomic_write_text(out / MODEL_DIR / SPEC_NAME, spec.to_json())
+    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=1) + "\n")
+
+    if run_id:
+        log_to_run(run_id, out, metrics, tracking_uri)
+    return EvaluationResult(out, metrics, out / MODEL_DIR, list(predicted.unreadable), run_id)
+
+
+def _prepare_out(out: Path) -> None:
+    """OUT must be new, empty, or an earlier evaluation (recognised by its metrics.json)."""
+    if out.exists() and not out.is_dir():
+        raise StepError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (out / METRICS_FILE).is_file():
+        raise StepError(
+            f"output folder {out} is not empty and holds no {METRICS_FILE}: refusing to write into a folder "
+            "that was not made by 'shopvision evaluate' (choose an empty or new folder)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _write_predictions(target, test_dir, true_categories, predictions) -> None:
+    k = len(predictions[0].indices) if predictions else TOP_K
+    header = ["true_category", "product_id", "file", "correct"]
+    header += [f"{kind}_{r}" for r in range(1, k + 1) for kind in ("predicted", "probability")]
+    rows = []
+    for true, p in zip(true_categories, predictions, strict=True):
+        row = [
+            true,
+            product_id(p.path.name),
+            p.path.relative_to(test_dir).as_posix(),
+            int(p.labels[0] == true),
+        ]
+        for label, prob in zip(p.labels, p.probabilities, strict=True):
+            row += [label, f"{prob:.6f}"]
+        rows.append(row)
+    atomic_write_text(target, _csv_text(header, rows))
+
+
+def _write_confusions(target: Path, cells: list[dict]) -> None:
+    rows = [[c["true_category"], c["predicted_category"], c["count"], f"{c['share']:.6f}"] for c in cells]
+    atomic_write_text(target, _csv_text(["true_category", "predicted_category", "count", "share"], rows))
+
+
+def _write_coverage(target: Path, curve: Sequence[m.CoveragePoint]) -> None:
+    rows = [
+        [
+            f"{p.threshold:.2f}",
+            p.covered,
+            f"{p.coverage:.6f}",
+            "" if p.accuracy is None else f"{p.accuracy:.6f}",
+        ]
+        for p in curve
+    ]
+    atomic_write_text(target, _csv_text(["threshold", "covered", "coverage", "accuracy"], rows))
+
+
+def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], target: Path) -> None:
+    """Row-normalised matrix as a PNG that stays readable from a handful to hundreds of categories.
+
+    Few categories: names on both axes and the share in each cell. Many: a heat map with category
+    indices (the order of `per_category` in metrics.json) and no text that would overlap; the top
+    confusions are listed in metrics.json and confusions.csv instead.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize, PowerNorm
+    from matplotlib.figure import Figure
+
+    n = len(labels)
+    shares = m.normalise_rows(matrix)
+    side = float(np.clip(4 + 0.3 * n, 6, 16))  # inches; 100 dpi keeps 200 categories at ~7 px a cell
+    figure = Figure(figsize=(side + 1.5, side))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    # With many categories most confusions are a few percent of a row: a square-root colour scale
+    # keeps them visible next to the diagonal.
+    many = n > NAMED_TICKS_UP_TO
+    norm = PowerNorm(0.5, vmin=0.0, vmax=1.0) if many else Normalize(vmin=0.0, vmax=1.0)
+    image = axes.imshow(shares, cmap="Blues", norm=norm, interpolation="nearest", aspect="equal")
+    scale = " (square-root colour scale)" if many else ""
+    figure.colorbar(
+        image, ax=axes, fraction=0.046, pad=0.04, label=f"share of the true category's photos{scale}"
+    )
+    if not many:
+        size = 9 if n <= 15 else 7
+        axes.set_xticks(range(n), labels, rotation=90, fontsize=size)
+        axes.set_yticks(range(n), labels, fontsize=size)
+        axes.set_xlabel("predicted category")
+        axes.set_ylabel("true category")
+    else:
+        step = max(1, int(np.ceil(n / 10)))
+        axes.set_xticks(range(0, n, step))
+        axes.set_yticks(range(0, n, step))
+        axes.set_xlabel("predicted category (index, as ordered in metrics.json)")
+        axes.set_ylabel("true category (index)")
+    if n <= CELL_VALUES_UP_TO:
+        for (row, col), value in np.ndenumerate(shares):
+            if value >= 0.005:
+                axes.text(
+                    col,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > 0.6 else "black",
+                )
+    photos = int(np.asarray(matrix).sum())
+    title = f"confusion matrix, row-normalised: {photos} photos, {n} categories"
+    if many:
+        title += "\n(top confusions: confusions.csv)"
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+
+
+def plot_coverage(
+    curve: Sequence[m.CoveragePoint], target_accuracy: float, threshold: float | None, target: Path
+) -> None:
+    """Coverage and accuracy against the confidence threshold, the target and the chosen threshold."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    thresholds = [p.threshold for p in curve]
+    axes.plot(thresholds, [p.coverage for p in curve], label="coverage (share of photos answered)")
+    axes.plot(
+        thresholds,
+        [np.nan if p.accuracy is None else p.accuracy for p in curve],
+        label="top-1 accuracy on them",
+    )
+    axes.axhline(
+        target_accuracy, color="grey", linestyle="--", linewidth=1, label=f"target {target_accuracy:g}"
+    )
+    if threshold is not None:
+        axes.axvline(threshold, color="red", linestyle=":", linewidth=1.5, label=f"threshold {threshold:.2f}")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("confidence threshold (top-1 probability ≥)")
+    axes.legend(loc="lower left", fontsize=8)
+    axes.set_title(
+        "accuracy vs coverage" + ("" if threshold is not None else " (no threshold reaches the target)")
+    )
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+
+
+def log_to_run(run_id: str, out: Path, metrics: Mapping, tracking_uri: str | None = None) -> None:
+    """The headline metrics, the threshold as a run tag and the files (not the weights copy) to the run."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    from .tracking import check_tracking_server
+    from .train_record import resolve_tracking_uri
+
+    uri = check_tracking_server(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:
+        raise StepError(f"MLflow run {run_id} not found at {uri}: {str(exc).splitlines()[0]}") from None
+    now = int(time.time() * 1000)
+    threshold = metrics.get(THRESHOLD_KEY)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, value, now, 0) for key, value in headline_metrics(metrics).items()],
+        tags=[RunTag(THRESHOLD_KEY, "" if threshold is None else tag_value(threshold))],
+    )
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    client.log_artifact(run_id, str(out / MODEL_DIR / "model_spec.json"), artifact_path="evaluation/model")
+
+
+def tag_value(value) -> str:
+    """Tag text: floats with 10 significant digits (0.37 → '0.37', 4/38 → '0.1052631579'), else str()."""
+    return f"{value:.10g}" if isinstance(value, float) else str(value)
+
+
+def summary(result: EvaluationResult) -> str:
+    metrics = result.metrics
+    counts = metrics["counts"]
+    text = (
+        f"evaluate: {counts['images']} photos in {counts['test_categories']} categories"
+        + (f" ({counts['unreadable']} unreadable, skipped)" if counts.get("unreadable") else "")
+        + f": top-1 {metrics['top1_accuracy']:.4f}, top-{metrics['top_k']} {metrics['top5_accuracy']:.4f}, "
+        f"macro F1 {metrics['macro_avg']['f1']:.4f}"
+    )
+    if "macro_category" in metrics:
+        text += f", macro-category {metrics['macro_category']['accuracy']:.4f}"
+    coverage = metrics["coverage"]
+    if coverage[THRESHOLD_KEY] is None:
+        text += f"\nevaluate: no confidence threshold reaches {coverage['target_accuracy']:g} top-1 accuracy"
+    else:
+        text += (
+            f"\nevaluate: confidence threshold {coverage[THRESHOLD_KEY]:.2f} keeps {coverage['coverage']:.1%} "
+            f"of photos at {coverage['accuracy']:.4f} accuracy (target {coverage['target_accuracy']:g})"
+        )
+    text += f"\nevaluate: results in {result.out}; model with its threshold in {result.model_dir}"
+    if result.run_id:
+        text += f"\nevaluate: logged to MLflow run {result.run_id}"
+    return text
