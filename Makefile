@@ -1,4 +1,5 @@
 # The two commands README promises: `make demo` (the main job on the sample data) and `make test`.
+# `make demo` runs the whole KFP pipeline with kfp.local and MLflow on demo-output/mlflow.db.
 # Both create .venv and install what they need; the install is redone only when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,11 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
-	$(BIN)/shopvision clean data/sample/raw $(DEMO_OUT)/clean --size 224
-	$(BIN)/shopvision split $(DEMO_OUT)/clean $(DEMO_OUT)/split --val 0.15 --test 0.15
-	$(BIN)/shopvision balance $(DEMO_OUT)/split $(DEMO_OUT)/balance --percentile 98
-	$(BIN)/shopvision augment $(DEMO_OUT)/balance $(DEMO_OUT)/augment
-	@echo "demo: data steps done; training data in $(DEMO_OUT)/augment/{train,val,test}"
+	$(BIN)/shopvision pipeline run --demo --data data/sample/raw --workdir $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

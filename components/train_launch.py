@@ -1,0 +1,157 @@
+"""The pipeline's train task: torchrun on this machine, or a TrainJob/PyTorchJob on the cluster.
+
+With launcher `local` (the default under kfp.local) the task runs `shopvision train` itself. With
+`trainjob` (Kubeflow Trainer v2) or `pytorchjob` (Training Operator v1) it copies the data to the
+shared volume, creates the job with the project image and the same `shopvision train` command,
+watches it, copies model_best and run.json back into the task's output and deletes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from functools import partial
+from pathlib import Path
+
+from .errors import StepError
+from .train_record import RUN_FILE
+
+LAUNCHERS = ("local", "trainjob", "pytorchjob")
+SHARED_MOUNT = "/mnt/shopvision"
+
+
+def train_arguments(
+    data: str,
+    out: str,
+    *,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    image_size: int,
+    lr: float,
+    pretrained: str | None,
+    freeze_backbone: bool,
+) -> list[str]:
+    args = [
+        data,
+        "--out",
+        out,
+        "--arch",
+        arch,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--image-size",
+        str(image_size),
+        "--lr",
+        str(lr),
+        "--resume",
+        "auto",
+    ]
+    if pretrained:
+        args += ["--pretrained", pretrained]
+    if freeze_backbone:
+        args.append("--freeze-backbone")
+    return args
+
+
+def train_in_pipeline(
+    *,
+    data: str,
+    out: str,
+    nodes: int,
+    gpus_per_node: int,
+    launcher: str,
+    image: str,
+    namespace: str,
+    data_pvc: str,
+    **hyper,
+) -> dict:
+    """Train and return run.json's record (run id, model URI, best metrics)."""
+    if launcher not in LAUNCHERS:
+        raise StepError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
+    if launcher == "local":
+        if nodes != 1:
+            raise StepError("launcher 'local' trains on this machine only: use nodes=1, or launcher trainjob")
+        args = train_arguments(data, out, **hyper) + ["--nproc-per-node", str(max(gpus_per_node, 1))]
+        done = subprocess.run([sys.executable, "-m", "shopvision.cli", "train", *args])
+        if done.returncode != 0:
+            raise StepError(f"training failed (exit status {done.returncode}); see its output above")
+    else:
+        _train_on_cluster(
+            data=data,
+            out=out,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            launcher=launcher,
+            image=image,
+            namespace=namespace,
+            data_pvc=data_pvc,
+            **hyper,
+        )
+    return json.loads((Path(out) / RUN_FILE).read_text())
+
+
+def _train_on_cluster(
+    *,
+    data: str,
+    out: str,
+    nodes: int,
+    gpus_per_node: int,
+    launcher: str,
+    image: str,
+    namespace: str,
+    data_pvc: str,
+    **hyper,
+) -> None:
+    from kubernetes import client, config
+
+    from .cluster_training import pytorchjob_manifest, run_cluster_job, trainjob_manifest
+
+    if not data_pvc:
+        raise StepError(
+            "cluster training needs data_pvc: a ReadWriteMany volume shared by this task and the job"
+        )
+    job_name = f"shopvision-train-{uuid.uuid4().hex[:8]}"
+    work = Path(SHARED_MOUNT) / job_name
+    shutil.copytree(data, work / "data")
+    if launcher == "trainjob":  # the hardened runtime shipped in manifests/base/training-runtime.yaml
+        builder = partial(
+            trainjob_manifest, runtime="shopvision-torch-distributed", runtime_kind="TrainingRuntime"
+        )
+    else:
+        builder = pytorchjob_manifest
+    manifest = builder(
+        name=job_name,
+        namespace=namespace,
+        image=image,
+        train_args=train_arguments(str(work / "data"), str(work / "out"), **hyper)
+        + ["--nproc-per-node", str(gpus_per_node), "--workers", "4"],
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        cpu="8",
+        memory="32Gi",
+        secret_env={
+            "MLFLOW_TRACKING_URI": ("shopvision-mlflow", "tracking-uri"),
+            "AWS_ACCESS_KEY_ID": ("shopvision-s3", "access-key-id"),
+            "AWS_SECRET_ACCESS_KEY": ("shopvision-s3", "secret-access-key"),
+            "AWS_ENDPOINT_URL": ("shopvision-s3", "endpoint-url"),
+        },
+        pvc_name=data_pvc,
+        mount_path=SHARED_MOUNT,
+        node_selector={},
+        tolerations=[],
+        labels={"app.kubernetes.io/part-of": "shopvision", "shopvision.io/role": "training"},
+    )
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    run_cluster_job(
+        client.CustomObjectsApi(), launcher, manifest, timeout_s=7 * 24 * 3600, core_api=client.CoreV1Api()
+    )
+    shutil.copytree(work / "out", out, dirs_exist_ok=True)

@@ -1,0 +1,196 @@
+"""KFP v2 lightweight components: thin wrappers that call the step functions in the project image.
+
+Rules (see ../shared/PLATFORM-NOTES.md): bodies only plumb arguments, imports live inside the body
+(KFP ships the function's source), nothing uses packages_to_install, and the base image is the
+project image, which already holds kfp (install_kfp_package=False). The image is read from
+$SHOPVISION_IMAGE when this module is imported, so `shopvision pipeline compile --image` sets it.
+No `from __future__ import annotations` here: KFP reads the annotations as types.
+"""
+
+import os
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+IMAGE = os.environ.get("SHOPVISION_IMAGE", "ghcr.io/shopvision/shopvision:0.1.0")
+
+
+def component(func):
+    return dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
+
+
+@component
+def fingerprint_data(location: str, s3_endpoint: str) -> str:
+    """Content fingerprint of the raw photos; never cached, it is what makes the cache honest."""
+    from shopvision.components.fetch import fingerprint_location
+
+    return fingerprint_location(location, s3_endpoint or None)
+
+
+@component
+def fetch_photos(location: str, s3_endpoint: str, data_fingerprint: str, raw: Output[Dataset]) -> int:
+    from shopvision.components.fetch import fetch_photos as fetch
+
+    raw.metadata["data_fingerprint"] = data_fingerprint
+    raw.metadata["location"] = location
+    return fetch(location, raw.path, s3_endpoint or None)
+
+
+@component
+def clean_photos(raw: Input[Dataset], size: int, cleaned: Output[Dataset], report: Output[Artifact]) -> str:
+    import shutil
+
+    from shopvision.components.clean import REPORT_NAME, clean, summary
+
+    result = clean(raw.path, cleaned.path, size=size)
+    shutil.copyfile(f"{cleaned.path}/{REPORT_NAME}", report.path)
+    cleaned.metadata.update(result.totals())
+    return summary(result)
+
+
+@component
+def split_photos(
+    cleaned: Input[Dataset], val_fraction: float, test_fraction: float, seed: int, splits: Output[Dataset]
+) -> str:
+    from shopvision.components.split import split, summary
+
+    return summary(split(cleaned.path, splits.path, val=val_fraction, test=test_fraction, seed=seed))
+
+
+@component
+def balance_photos(splits: Input[Dataset], percentile: float, balanced: Output[Dataset]) -> str:
+    from shopvision.components.balance import balance, summary
+
+    result = balance(splits.path, balanced.path, percentile=percentile)
+    balanced.metadata["target"] = result.target
+    return summary(result)
+
+
+@component
+def augment_photos(
+    balanced: Input[Dataset], augmentations: str, angle: float, seed: int, augmented: Output[Dataset]
+) -> str:
+    from shopvision.components.augment import augment, summary
+
+    operations = [op.strip() for op in augmentations.split(",") if op.strip()]
+    return summary(augment(balanced.path, augmented.path, operations=operations, angle=angle, seed=seed))
+
+
+@component
+def train_model(
+    data: Input[Dataset],
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    image_size: int,
+    lr: float,
+    pretrained: str,
+    freeze_backbone: bool,
+    nodes: int,
+    gpus_per_node: int,
+    launcher: str,
+    image: str,
+    namespace: str,
+    data_pvc: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+) -> NamedTuple("TrainOutputs", [("run_id", str), ("model_uri", str)]):
+    import json
+    from collections import namedtuple
+
+    from shopvision.components.train_launch import train_in_pipeline
+
+    record = train_in_pipeline(
+        data=data.path,
+        out=model.path,
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        image_size=image_size,
+        lr=lr,
+        pretrained=pretrained or None,
+        freeze_backbone=freeze_backbone,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        launcher=launcher,
+        image=image,
+        namespace=namespace,
+        data_pvc=data_pvc,
+    )
+    for key, value in (record.get("best") or {}).items():
+        if isinstance(value, int | float):
+            metrics.log_metric(key, value)
+    model.metadata["run_id"] = record["run_id"]
+    print(json.dumps(record, indent=1))
+    return namedtuple("TrainOutputs", ["run_id", "model_uri"])(
+        record["run_id"], record.get("model_uri") or ""
+    )
+
+
+@component
+def evaluate_model(
+    model: Input[Model],
+    data: Input[Dataset],
+    run_id: str,
+    taxonomy_csv: str,
+    target_accuracy: float,
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+) -> float:
+    """Top-5 predictions and metrics on the test split; logged to the training run."""
+    import json
+    from pathlib import Path
+
+    from shopvision.components.evaluate import evaluate, headline_metrics, summary
+
+    taxonomy = None
+    if taxonomy_csv:
+        taxonomy = Path(evaluation.path).parent / "taxonomy.csv"
+        taxonomy.write_text(taxonomy_csv)
+    result = evaluate(
+        f"{model.path}/model_best",
+        Path(data.path) / "test",
+        Path(evaluation.path),
+        taxonomy=taxonomy,
+        target_accuracy=target_accuracy,
+        run_id=run_id or None,
+    )
+    for key, value in headline_metrics(result.metrics).items():
+        metrics.log_metric(key, value)
+    print(summary(result))
+    print(json.dumps(headline_metrics(result.metrics), indent=1))
+    return float(result.metrics["top1_accuracy"])
+
+
+@component
+def register_model(run_id: str, model_name: str, evaluation: Input[Artifact]) -> str:
+    from shopvision.components.registry import register, register_summary
+
+    result = register(run_id, model_name, test_metrics=f"{evaluation.path}/metrics.json")
+    print(register_summary(result))
+    return result.version
+
+
+@component
+def promote_model(
+    model_name: str, version: str, data: Input[Dataset], min_gain: float, min_accuracy: float
+) -> NamedTuple("PromoteOutputs", [("promoted", bool), ("champion", str)]):
+    from collections import namedtuple
+    from pathlib import Path
+
+    from shopvision.components.registry import promote, promote_summary
+
+    decision = promote(
+        model_name, version, Path(data.path) / "test", min_gain=min_gain, min_accuracy=min_accuracy
+    )
+    print(promote_summary(decision))
+    champion = decision.candidate_version if decision.promoted else (decision.champion_version or "")
+    return namedtuple("PromoteOutputs", ["promoted", "champion"])(decision.promoted, champion)
+
+
+@component
+def deploy_model(model_name: str, namespace: str, deployment: str, kind: str) -> str:
+    from shopvision.components.deploy import deploy
+
+    return str(deploy(model_name, "champion", namespace=namespace, target=deployment, kind=kind))

@@ -1,0 +1,168 @@
+"""The product's main job: raw photos → a promoted champion (→ a rolled-out serving Deployment).
+
+One definition for both places: `kfp.local` on one machine (launcher `local`, no deploy) and a KFP
+backend on a cluster (launcher `trainjob` or `pytorchjob`, deploy on). Kubernetes settings (GPU,
+secrets, node selector, tolerations, PVC) are attached with kfp-kubernetes; kfp.local ignores them.
+"""
+
+from kfp import dsl, kubernetes
+
+from . import components as c
+
+PIPELINE_NAME = "shopvision-training"
+MLFLOW_SECRET = "shopvision-mlflow"  # key tracking-uri
+S3_SECRET = "shopvision-s3"  # keys access-key-id, secret-access-key, endpoint-url
+SECRET_ENV = {
+    MLFLOW_SECRET: {"tracking-uri": "MLFLOW_TRACKING_URI"},
+    S3_SECRET: {
+        "access-key-id": "AWS_ACCESS_KEY_ID",
+        "secret-access-key": "AWS_SECRET_ACCESS_KEY",
+        "endpoint-url": "AWS_ENDPOINT_URL",
+    },
+}
+ACCELERATOR = "nvidia.com/gpu"
+
+
+def _cluster_settings(task: dsl.PipelineTask, *, secrets: bool) -> dsl.PipelineTask:
+    """Credentials come from Secrets by reference; optional so a local run without them still works."""
+    if secrets:
+        for secret, keys in SECRET_ENV.items():
+            kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "shopvision")
+    kubernetes.add_pod_label(task, "shopvision.io/role", "pipeline")
+    return task
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="clean, split, balance, augment, train, evaluate, register, "
+    "promote and deploy a product-photo classifier",
+)
+def training_pipeline(
+    data_location: str = "data/sample/raw",
+    s3_endpoint: str = "",
+    model_name: str = "shopvision",
+    image_size: int = 224,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+    percentile: float = 98.0,
+    augmentations: str = "mirror,rot_cw,rot_ccw,grain",
+    rotation_angle: float = 15.0,
+    arch: str = "resnet34",
+    epochs: int = 10,
+    batch_size: int = 32,
+    train_image_size: int = 224,
+    lr: float = 0.1,
+    pretrained: str = "",
+    freeze_backbone: bool = False,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    launcher: str = "local",
+    image: str = c.IMAGE,
+    namespace: str = "shopvision",
+    data_pvc: str = "",
+    node_selector: dict = {},  # noqa: B006 (KFP pipeline parameters are declared with literal defaults)
+    tolerations: list = [],  # noqa: B006
+    taxonomy_csv: str = "",
+    target_accuracy: float = 0.95,
+    min_gain: float = 0.0,
+    min_accuracy: float = 0.0,
+    deploy: bool = False,
+    serving_deployment: str = "shopvision-serving",
+    serving_kind: str = "deployment",
+):
+    fingerprint = _cluster_settings(
+        c.fingerprint_data(location=data_location, s3_endpoint=s3_endpoint), secrets=True
+    ).set_caching_options(False)  # cheap, and the only step that must look at the photos every time
+    fetched = _cluster_settings(
+        c.fetch_photos(location=data_location, s3_endpoint=s3_endpoint, data_fingerprint=fingerprint.output),
+        secrets=True,
+    )
+    cleaned = _cluster_settings(c.clean_photos(raw=fetched.outputs["raw"], size=image_size), secrets=False)
+    splits = _cluster_settings(
+        c.split_photos(
+            cleaned=cleaned.outputs["cleaned"],
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=split_seed,
+        ),
+        secrets=False,
+    )
+    balanced = _cluster_settings(
+        c.balance_photos(splits=splits.outputs["splits"], percentile=percentile), secrets=False
+    )
+    augmented = _cluster_settings(
+        c.augment_photos(
+            balanced=balanced.outputs["balanced"],
+            augmentations=augmentations,
+            angle=rotation_angle,
+            seed=split_seed,
+        ),
+        secrets=False,
+    )
+    trained = _cluster_settings(
+        c.train_model(
+            data=augmented.outputs["augmented"],
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            image_size=train_image_size,
+            lr=lr,
+            pretrained=pretrained,
+            freeze_backbone=freeze_backbone,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            launcher=launcher,
+            image=image,
+            namespace=namespace,
+            data_pvc=data_pvc,
+        ),
+        secrets=True,
+    )
+    # With launcher `local` torchrun runs inside this task, so the task holds the GPUs; with a TrainJob
+    # the job's pods hold them and this task only watches (the GPU request then idles one GPU, which
+    # `--gpus-on-train-task 0` at compile time avoids).
+    trained.set_accelerator_type(ACCELERATOR).set_accelerator_limit(1)
+    trained.set_cpu_limit("8").set_memory_limit("32G")
+    kubernetes.add_node_selector_json(trained, node_selector_json=node_selector)
+    kubernetes.add_toleration_json(trained, toleration_json=tolerations)
+    kubernetes.add_pod_label(trained, "shopvision.io/role", "training")
+    evaluated = _cluster_settings(
+        c.evaluate_model(
+            model=trained.outputs["model"],
+            data=splits.outputs["splits"],
+            run_id=trained.outputs["run_id"],
+            taxonomy_csv=taxonomy_csv,
+            target_accuracy=target_accuracy,
+        ),
+        secrets=True,
+    )
+    registered = _cluster_settings(
+        c.register_model(
+            run_id=trained.outputs["run_id"],
+            model_name=model_name,
+            evaluation=evaluated.outputs["evaluation"],
+        ),
+        secrets=True,
+    ).set_caching_options(False)  # a registry write must happen on every run
+    promoted = _cluster_settings(
+        c.promote_model(
+            model_name=model_name,
+            version=registered.output,
+            data=splits.outputs["splits"],
+            min_gain=min_gain,
+            min_accuracy=min_accuracy,
+        ),
+        secrets=True,
+    ).set_caching_options(False)
+    with dsl.If(deploy == True), dsl.If(promoted.outputs["promoted"] == True):  # noqa: E712 (KFP syntax)
+        _cluster_settings(
+            c.deploy_model(
+                model_name=model_name,
+                namespace=namespace,
+                deployment=serving_deployment,
+                kind=serving_kind,
+            ),
+            secrets=True,
+        ).set_caching_options(False)

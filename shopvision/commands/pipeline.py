@@ -1,0 +1,86 @@
+"""shopvision pipeline compile | run | submit: the KFP pipeline, locally or on a cluster."""
+
+import argparse
+import json
+from pathlib import Path
+
+from . import add_step
+
+ORDER = 90
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from shopvision.pipelines.cluster import compile_pipeline
+
+    print(f"pipeline: wrote {compile_pipeline(args.output, args.image)}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from shopvision.pipelines.cluster import parse_arguments
+    from shopvision.pipelines.local_run import DEMO_ARGUMENTS, run_locally
+
+    arguments = {
+        **(DEMO_ARGUMENTS if args.demo else {}),
+        "data_location": args.data,
+        **parse_arguments(args.arg),
+    }
+    report = run_locally(arguments, args.workdir)
+    print(
+        f"pipeline: champion {report['model_name']} version {report['champion_version']} "
+        f"(test top-1 accuracy {report['test_top1_accuracy']}) after {report['seconds']} s\n"
+        f"  MLflow:    {report['tracking_uri']}\n  artifacts: {report['artifacts']}"
+    )
+    (Path(args.workdir) / "champion.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from shopvision.pipelines.cluster import parse_arguments, submit
+
+    url = submit(
+        args.host,
+        parse_arguments(args.arg),
+        experiment=args.experiment,
+        run_name=args.run_name,
+        namespace=args.namespace,
+        package=args.package,
+        service_account=args.service_account,
+    )
+    print(f"pipeline: submitted {url}")
+
+
+def add_parser(steps) -> None:
+    from shopvision.pipelines.cluster import COMPILED
+
+    pipeline = steps.add_parser(
+        "pipeline", help="compile, run locally (kfp.local) or submit the training pipeline"
+    )
+    actions = pipeline.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    compile_ = add_step(actions, "compile", "write the pipeline's IR YAML", _compile)
+    compile_.add_argument("--output", type=Path, default=COMPILED)
+    compile_.add_argument("--image", help="project image for every component (default: the released image)")
+
+    run = add_step(
+        actions, "run", "run the whole pipeline on this machine with kfp.local and local MLflow", _run
+    )
+    run.add_argument(
+        "--data", default="data/sample/raw", help="raw photos: a folder or an s3://bucket/prefix"
+    )
+    run.add_argument("--workdir", type=Path, default=Path("pipeline-output"), help="artifacts and mlflow.db")
+    run.add_argument("--demo", action="store_true", help="the small, fast settings of `make demo`")
+    run.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter")
+
+    submit = add_step(actions, "submit", "submit the compiled pipeline to a KFP backend", _submit)
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
+    submit.add_argument("--experiment", default="shopvision")
+    submit.add_argument("--run-name")
+    submit.add_argument("--namespace")
+    submit.add_argument(
+        "--service-account",
+        default="shopvision-pipeline",
+        help="the run's ServiceAccount (manifests/base/rbac.yaml grants it what training needs)",
+    )
+    submit.add_argument("--package", type=Path, default=COMPILED)
+    submit.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter"
+    )

@@ -1,0 +1,215 @@
+"""The KFP pipeline: compiled IR checks, and a whole real kfp.local run reading photos from S3.
+
+The S3 endpoint is moto's server, a real HTTP S3 implementation started by the test on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from shopvision.components.errors import StepError
+from shopvision.components.fetch import fetch_photos, fingerprint_location
+from shopvision.components.launch import free_port
+from shopvision.pipelines.cluster import COMPILED, compile_pipeline, parse_arguments
+from shopvision.pipelines.local_run import run_locally
+
+STEPS = [
+    "fingerprint-data",
+    "fetch-photos",
+    "clean-photos",
+    "split-photos",
+    "balance-photos",
+    "augment-photos",
+    "train-model",
+    "evaluate-model",
+    "register-model",
+    "promote-model",
+    "deploy-model",
+]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 endpoint (moto_server) on loopback, with credentials only it accepts."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
+            time.sleep(0.2)
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=url,
+    )
+    try:
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _upload(s3_url: str, bucket: str, folder: Path, prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_url)
+    client.create_bucket(Bucket=bucket)
+    for path in sorted(folder.rglob("*.jpg")):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def _small_raw(sample_raw: Path, target: Path, categories: int = 4, photos: int = 6) -> Path:
+    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:categories]:
+        for path in sorted(category.iterdir())[:photos]:
+            (target / category.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target / category.name / path.name)
+    return target
+
+
+def test_compiled_yaml_is_up_to_date(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHOPVISION_IMAGE", raising=False)
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    assert COMPILED.read_text() == fresh.read_text(), (
+        "run 'shopvision pipeline compile' and commit the result"
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    return list(yaml.safe_load_all(COMPILED.read_text()))
+
+
+def test_every_step_is_a_component(compiled):
+    spec = compiled[0]
+    tasks = set(spec["root"]["dag"]["tasks"])
+    nested = {t for task in spec["components"].values() for t in task.get("dag", {}).get("tasks", {})}
+    assert set(STEPS) <= tasks | nested
+    for executor in spec["deploymentSpec"]["executors"].values():
+        container = executor["container"]
+        assert container["image"] == "ghcr.io/shopvision/shopvision:0.1.0"
+        assert "pip install" not in " ".join(container["command"])  # nothing installs at run time
+
+
+def test_train_requests_a_gpu_and_node_placement_is_a_parameter(compiled):
+    executors = compiled[0]["deploymentSpec"]["executors"]
+    resources = executors["exec-train-model"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "1"
+    train = compiled[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-model"]
+    assert train["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+    assert train["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
+
+
+def test_secrets_are_wired_by_reference(compiled):
+    executors = compiled[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-train-model", "exec-register-model", "exec-promote-model", "exec-fetch-photos"):
+        wired = {
+            (s["secretName"], kv["secretKey"], kv["envVar"])
+            for s in executors[name]["secretAsEnv"]
+            for kv in s["keyToEnv"]
+        }
+        assert ("shopvision-mlflow", "tracking-uri", "MLFLOW_TRACKING_URI") in wired, name
+        assert ("shopvision-s3", "secret-access-key", "AWS_SECRET_ACCESS_KEY") in wired, name
+    assert "test" not in COMPILED.read_text().split("secretAsEnv")[0][-200:]  # no literal credentials
+
+
+def test_fingerprint_changes_exactly_when_photos_change(s3, sample_raw, tmp_path):
+    raw = _small_raw(sample_raw, tmp_path / "raw", categories=2, photos=2)
+    _upload(s3, "fingerprints", raw, "raw")
+    folder_before, s3_before = fingerprint_location(str(raw)), fingerprint_location("s3://fingerprints/raw")
+    assert fingerprint_location(str(raw)) == folder_before
+    assert fingerprint_location("s3://fingerprints/raw") == s3_before
+    photo = sorted(raw.rglob("*.jpg"))[0]
+    photo.write_bytes(photo.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    _upload(s3, "fingerprints", raw, "raw")
+    assert fingerprint_location(str(raw)) != folder_before
+    assert fingerprint_location("s3://fingerprints/raw") != s3_before
+
+
+def test_fetch_from_s3_keeps_the_layout(s3, sample_raw, tmp_path):
+    raw = _small_raw(sample_raw, tmp_path / "raw", categories=2, photos=3)
+    _upload(s3, "photos", raw, "catalogue/2026")
+    count = fetch_photos("s3://photos/catalogue/2026/", tmp_path / "fetched")
+    assert count == 6
+    assert sorted(
+        p.relative_to(tmp_path / "fetched") for p in (tmp_path / "fetched").rglob("*.jpg")
+    ) == sorted(p.relative_to(raw) for p in raw.rglob("*.jpg"))
+
+
+def test_bad_locations_are_clear_errors(s3, tmp_path):
+    with pytest.raises(StepError, match="no photos under"):
+        fingerprint_location("s3://photos/nothing-here")
+    with pytest.raises(StepError, match="cannot list"):
+        fingerprint_location("s3://no-such-bucket/x")
+    with pytest.raises(StepError, match="neither an s3"):
+        fingerprint_location(str(tmp_path / "missing"))
+    with pytest.raises(StepError, match="KEY=VALUE"):
+        parse_arguments(["epochs"])
+    assert parse_arguments(["epochs=3", "arch=resnet18", "deploy=false"]) == {
+        "epochs": 3,
+        "arch": "resnet18",
+        "deploy": False,
+    }
+
+
+def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkeypatch):
+    raw = _small_raw(sample_raw, tmp_path / "raw")
+    _upload(s3, "catalogue", raw, "raw")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    arguments = {
+        "data_location": "s3://catalogue/raw",
+        "model_name": "pipeline-test",
+        "image_size": 64,
+        "val_fraction": 0.25,
+        "test_fraction": 0.25,
+        "augmentations": "mirror",
+        "arch": "resnet18",
+        "epochs": 1,
+        "batch_size": 8,
+        "train_image_size": 32,
+        "lr": 0.01,
+        "launcher": "local",
+    }
+    report = run_locally(arguments, tmp_path / "work")
+    assert report["champion_version"] == "1"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("pipeline-test", "champion")
+    assert champion.run_id == report["source_run"]
+    assert float(champion.tags["test_top1_accuracy"]) >= 0
+    run = client.get_run(champion.run_id)
+    assert run.data.params["arch"] == "resnet18"
+    assert "test_top1_accuracy" in run.data.metrics  # evaluation logged to the training run
+    tasks = {p.name for p in next((tmp_path / "work" / "pipeline-root").iterdir()).iterdir()}
+    assert {"clean-photos", "train-model", "evaluate-model", "promote-model"} <= tasks
+    assert "deploy-model" not in tasks  # deploy is off for local runs
