@@ -1,0 +1,474 @@
+"""The audit step: likely mislabelled listings and categories that mix, from an embedding index.
+
+For each catalogue photo it takes the k nearest photos of *other* listings (the photo itself and
+photos with the same product id are left out: a listing's own photos and their augmented or
+oversampled copies would otherwise vouch for it), then:
+
+- a photo whose neighbours are mostly (share >= min_share) in one other category is a likely
+  mislabelled listing, and that category is the suggestion;
+- each neighbour link between two categories counts for that pair; a pair's `mix` is its cross links
+  over all links of both categories' photos, so big and small categories compare fairly. Pairs that
+  mix most are candidates to merge (both directions high) or to split (one direction high: part
+  of one category looks like the other).
+
+    OUT/mislabelled.csv      one row per likely mislabelled photo, highest share first
+    OUT/confusable_pairs.csv one row per category pair with at least one cross link, most mixed first
+    OUT/report.md            the same, readable, with thumbnails from OUT/thumbs/
+
+`find_mislabelled` and `confusable_pairs` work on a plain neighbour table, so they can be checked
+on hand-made ones; `audit` adds the search, the files and the thumbnails.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StepError
+from .features import EmbeddingIndex, load_index, search
+from .images import ImageDecodeError, decode_image, encode_jpeg, shrink_to_fit
+from .naming import atomic_write_bytes, atomic_write_text
+from .predict import pick_device
+from .progress import Progress
+
+MISLABELLED_FILE = "mislabelled.csv"
+PAIRS_FILE = "confusable_pairs.csv"
+REPORT_FILE = "report.md"
+THUMBS_DIR = "thumbs"
+DEFAULT_K = 10
+DEFAULT_MIN_SHARE = 0.6
+THUMB_SIZE = 96
+EXAMPLES = 3  # neighbour thumbnails per report row
+REPORT_MISLABELLED = 100  # rows in report.md (the CSVs have all of them)
+REPORT_PAIRS = 25
+
+
+@dataclass(frozen=True)
+class MislabelledPhoto:
+    position: int  # row in the index
+    category: str  # where the photo is filed
+    suggested_category: str
+    suggested_count: int  # neighbours in the suggested category
+    own_count: int  # neighbours in the photo's own category
+    neighbours: int  # k, or fewer when the index holds fewer photos of other listings
+    mean_similarity: float  # to its neighbours in the suggested category
+    examples: tuple[int, ...]  # the nearest of those neighbours, best first
+
+    @property
+    def share(self) -> float:
+        return self.suggested_count / self.neighbours
+
+
+@dataclass(frozen=True)
+class CategoryPair:
+    category_a: str  # the two names in sorted order
+    category_b: str
+    photos_a: int
+    photos_b: int
+    links_a_to_b: int  # neighbours of a-photos that are b-photos
+    links_b_to_a: int
+    links_from_a: int  # all neighbour links of a-photos (photos_a × k unless the index is tiny)
+    links_from_b: int
+    examples: tuple[tuple[int, int, float], ...] = ()  # (photo, neighbour, similarity), most similar first
+
+    @property
+    def cross_links(self) -> int:
+        return self.links_a_to_b + self.links_b_to_a
+
+    @property
+    def mix(self) -> float:
+        return self.cross_links / max(1, self.links_from_a + self.links_from_b)
+
+    @property
+    def share_a_to_b(self) -> float:
+        return self.links_a_to_b / max(1, self.links_from_a)
+
+    @property
+    def share_b_to_a(self) -> float:
+        return self.links_b_to_a / max(1, self.links_from_b)
+
+
+@dataclass
+class AuditResult:
+    out: Path
+    photos: int
+    categories: int
+    k: int
+    min_share: float
+    mislabelled: list[MislabelledPhoto] = field(default_factory=list)
+    pairs: list[CategoryPair] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def other_listing_neighbours(
+    embeddings: np.ndarray,
+    product_ids: Sequence[str],
+    k: int,
+    *,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per photo: the positions and similarities of its k nearest photos of other listings.
+
+    One exact search for k + (the largest listing's photo count) neighbours is always enough: at
+    most that many of them are the photo's own listing, itself included.
+    """
+    _, codes = np.unique(np.asarray(product_ids, dtype=object), return_inverse=True)
+    largest = int(np.bincount(codes).max()) if len(codes) else 0
+    scores, positions = search(embeddings, embeddings, k + largest, device=device, progress=progress)
+    other = codes[positions] != codes[:, None]
+    neighbours, similarities = [], []
+    for row_positions, row_scores, keep in zip(positions, scores, other, strict=True):
+        neighbours.append(row_positions[keep][:k])
+        similarities.append(row_scores[keep][:k])
+    return neighbours, similarities
+
+
+def find_mislabelled(
+    categories: Sequence[str],
+    neighbours: Sequence[Sequence[int]],
+    similarities: Sequence[Sequence[float]] | None = None,
+    *,
+    min_share: float = DEFAULT_MIN_SHARE,
+) -> list[MislabelledPhoto]:
+    """Photos whose neighbours are at least `min_share` in one other category, highest share first.
+
+    The suggestion is the other category with the most neighbours (ties: the higher summed
+    similarity, then the name).
+    """
+    found = []
+    for position, row in enumerate(neighbours):
+        if len(row) == 0:
+            continue
+        own = categories[position]
+        row_similarities = similarities[position] if similarities is not None else [1.0] * len(row)
+        counts: Counter[str] = Counter()
+        summed: defaultdict[str, float] = defaultdict(float)
+        for neighbour, similarity in zip(row, row_similarities, strict=True):
+            category = categories[neighbour]
+            counts[category] += 1
+            summed[category] += float(similarity)
+        others = [c for c in counts if c != own]
+        if not others:
+            continue
+        best = min(others, key=lambda c: (-counts[c], -summed[c], c))
+        if counts[best] / len(row) + 1e-9 < min_share:
+            continue
+        examples = tuple(int(n) for n in row if categories[n] == best)[:EXAMPLES]
+        found.append(
+            MislabelledPhoto(
+                position,
+                own,
+                best,
+                counts[best],
+                counts[own],
+                len(row),
+                summed[best] / counts[best],
+                examples,
+            )
+        )
+    found.sort(key=lambda m: (-m.share, -m.mean_similarity, m.position))
+    return found
+
+
+def confusable_pairs(
+    categories: Sequence[str],
+    neighbours: Sequence[Sequence[int]],
+    similarities: Sequence[Sequence[float]] | None = None,
+) -> list[CategoryPair]:
+    """Every pair of categories with at least one neighbour link between them, most mixed first."""
+    photos = Counter(categories)
+    links_from: Counter[str] = Counter()
+    links: Counter[tuple[str, str]] = Counter()  # (from, to)
+    examples: defaultdict[tuple[str, str], list[tuple[int, int, float]]] = defaultdict(list)
+    for position, row in enumerate(neighbours):
+        own = categories[position]
+        links_from[own] += len(row)
+        row_similarities = similarities[position] if similarities is not None else [1.0] * len(row)
+        for neighbour, similarity in zip(row, row_similarities, strict=True):
+            other = categories[neighbour]
+            if other != own:
+                links[own, other] += 1
+                examples[tuple(sorted((own, other)))].append((position, int(neighbour), float(similarity)))
+    pairs = []
+    for a, b in sorted({tuple(sorted(key)) for key in links}):
+        # One photo pair linked both ways is one example, not two.
+        unique: dict[frozenset, tuple[int, int, float]] = {}
+        for example in sorted(examples[a, b], key=lambda e: (-e[2], e[0], e[1])):
+            unique.setdefault(frozenset(example[:2]), example)
+        pairs.append(
+            CategoryPair(
+                a,
+                b,
+                photos[a],
+                photos[b],
+                links[a, b],
+                links[b, a],
+                links_from[a],
+                links_from[b],
+                tuple(unique.values())[:EXAMPLES],
+            )
+        )
+    pairs.sort(key=lambda p: (-p.mix, -p.cross_links, p.category_a, p.category_b))
+    return pairs
+
+
+def _prepare_out(out: Path) -> None:
+    """OUT must be new, empty, or an earlier audit (recognised by its mislabelled.csv)."""
+    if out.exists() and not out.is_dir():
+        raise StepError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MISLABELLED_FILE).is_file():
+            raise StepError(
+                f"output folder {out} is not empty and holds no {MISLABELLED_FILE}: refusing to write into a "
+                "folder that was not made by 'shopvision audit' (choose an empty or new folder)"
+            )
+        shutil.rmtree(out / THUMBS_DIR, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def audit(
+    index: str | Path | EmbeddingIndex,
+    out: Path,
+    *,
+    k: int = DEFAULT_K,
+    min_share: float = DEFAULT_MIN_SHARE,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> AuditResult:
+    """Search every photo of INDEX against the rest; write the CSVs, thumbnails and report to OUT.
+
+    `device` runs the all-pairs search: auto is the GPU when there is one (the whole index is
+    copied there once), else the CPU.
+    """
+    if k < 1:
+        raise StepError(f"k must be at least 1, got {k}")
+    if not 0.0 < min_share <= 1.0:
+        raise StepError(f"min share must be in (0, 1], got {min_share}")
+    index = index if isinstance(index, EmbeddingIndex) else load_index(index)
+    out = Path(out)
+    if out.resolve() == index.directory.resolve():
+        raise StepError("the audit output folder must not be the index folder")
+    target = pick_device(device)
+    _prepare_out(out)
+    started = time.perf_counter()
+    progress = Progress(len(index), "audit") if show_progress else None
+    neighbours, similarities = other_listing_neighbours(
+        index.embeddings, index.product_ids, k, device=str(target), progress=progress
+    )
+    if progress is not None:
+        progress.close()
+    mislabelled = find_mislabelled(index.categories, neighbours, similarities, min_share=min_share)
+    pairs = confusable_pairs(index.categories, neighbours, similarities)
+    result = AuditResult(
+        out,
+        len(index),
+        len(set(index.categories)),
+        k,
+        min_share,
+        mislabelled,
+        pairs,
+        time.perf_counter() - started,
+    )
+    atomic_write_text(out / MISLABELLED_FILE, _mislabelled_csv(index, mislabelled))
+    atomic_write_text(out / PAIRS_FILE, _pairs_csv(pairs))
+    thumbs = _write_thumbnails(index, out / THUMBS_DIR, _report_positions(mislabelled, pairs))
+    atomic_write_text(out / REPORT_FILE, render_report(index, result, thumbs))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _mislabelled_csv(index: EmbeddingIndex, found: Sequence[MislabelledPhoto]) -> str:
+    header = (
+        "path",
+        "category",
+        "product_id",
+        "suggested_category",
+        "share",
+        "suggested_count",
+        "own_count",
+        "neighbours",
+        "mean_similarity",
+        "nearest_in_suggested",
+    )
+    rows = [
+        (
+            index.paths[m.position],
+            m.category,
+            index.product_ids[m.position],
+            m.suggested_category,
+            f"{m.share:.3f}",
+            m.suggested_count,
+            m.own_count,
+            m.neighbours,
+            f"{m.mean_similarity:.4f}",
+            ";".join(index.paths[e] for e in m.examples),
+        )
+        for m in found
+    ]
+    return _csv_text(header, rows)
+
+
+def _pairs_csv(pairs: Sequence[CategoryPair]) -> str:
+    header = (
+        "category_a",
+        "category_b",
+        "photos_a",
+        "photos_b",
+        "links_a_to_b",
+        "links_b_to_a",
+        "cross_links",
+        "mix",
+        "share_a_to_b",
+        "share_b_to_a",
+    )
+    rows = [
+        (
+            p.category_a,
+            p.category_b,
+            p.photos_a,
+            p.photos_b,
+            p.links_a_to_b,
+            p.links_b_to_a,
+            p.cross_links,
+            f"{p.mix:.4f}",
+            f"{p.share_a_to_b:.4f}",
+            f"{p.share_b_to_a:.4f}",
+        )
+        for p in pairs
+    ]
+    return _csv_text(header, rows)
+
+
+def _report_positions(mislabelled: Sequence[MislabelledPhoto], pairs: Sequence[CategoryPair]) -> set[int]:
+    positions = set()
+    for m in mislabelled[:REPORT_MISLABELLED]:
+        positions.add(m.position)
+        positions.update(m.examples)
+    for p in pairs[:REPORT_PAIRS]:
+        for photo, neighbour, _ in p.examples:
+            positions.update((photo, neighbour))
+    return positions
+
+
+def _write_thumbnails(index: EmbeddingIndex, folder: Path, positions: set[int]) -> dict[int, str]:
+    """Small JPEGs of the photos the report shows; returns position -> path relative to OUT.
+
+    A photo that has moved or no longer decodes since the index was built just has no thumbnail.
+    """
+    thumbs = {}
+    for position in sorted(positions):
+        try:
+            image = decode_image(index.photo_path(position).read_bytes(), fit=THUMB_SIZE).image
+        except (OSError, ImageDecodeError):
+            continue
+        name = f"{position}.jpg"
+        atomic_write_bytes(folder / name, encode_jpeg(shrink_to_fit(image, THUMB_SIZE)))
+        thumbs[position] = f"{THUMBS_DIR}/{name}"
+    return thumbs
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    for char in "\\`*_[]<>|":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _photo_cell(index: EmbeddingIndex, position: int, thumbs: dict[int, str], *, caption: bool = True) -> str:
+    label = _md(index.paths[position])
+    image = f"![{label}]({thumbs[position]})" if position in thumbs else "(no thumbnail)"
+    return f"{image}<br>{label}" if caption else image
+
+
+def render_report(index: EmbeddingIndex, result: AuditResult, thumbs: dict[int, str]) -> str:
+    """report.md: the parameters, then both tables with thumbnails (the top rows; the CSVs hold all)."""
+    model = index.info.get("model", {})
+    lines = [
+        "# Similarity audit",
+        "",
+        f"- index: `{index.directory}` ({result.photos} photos in {result.categories} categories, "
+        f"{index.dims}-d embeddings from {_md(str(model.get('arch', '?')))} at {model.get('image_size', '?')} px)",
+        f"- photos under: `{index.data_root}`",
+        f"- neighbours per photo: k = {result.k}, photos of the same listing (product id) left out",
+        f"- likely mislabelled: at least {result.min_share:.0%} of a photo's neighbours in one other category",
+        "",
+        f"## Likely mislabelled listings: {len(result.mislabelled)}",
+        "",
+    ]
+    if result.mislabelled:
+        shown = result.mislabelled[:REPORT_MISLABELLED]
+        if len(result.mislabelled) > len(shown):
+            lines += [f"The {len(shown)} with the highest share; all are in `{MISLABELLED_FILE}`.", ""]
+        lines += [
+            "| photo | filed under | suggested | share of neighbours | nearest in the suggested category |",
+            "|---|---|---|---|---|",
+        ]
+        for m in shown:
+            nearest = " ".join(_photo_cell(index, e, thumbs, caption=False) for e in m.examples)
+            lines.append(
+                f"| {_photo_cell(index, m.position, thumbs)} | {_md(m.category)} | **{_md(m.suggested_category)}** "
+                f"| {m.share:.0%} ({m.suggested_count}/{m.neighbours}; own {m.own_count}) | {nearest} |"
+            )
+    else:
+        lines.append("None: no photo has most of its neighbours in one other category.")
+    lines += [
+        "",
+        f"## Categories that mix most: {len(result.pairs)} pairs linked",
+        "",
+        "`mix` = cross-category neighbour links / all neighbour links of both categories' photos. "
+        "Both directions high: the two categories look alike (merge them, or the model cannot tell "
+        "them apart). One direction high: part of one category looks like the other (a sub-group to "
+        "split out, or misfiled listings).",
+        "",
+    ]
+    if result.pairs:
+        shown_pairs = result.pairs[:REPORT_PAIRS]
+        if len(result.pairs) > len(shown_pairs):
+            lines += [f"The {len(shown_pairs)} most mixed; all are in `{PAIRS_FILE}`.", ""]
+        lines += [
+            "| category A | category B | photos A / B | links A→B | links B→A | mix | most similar cross pairs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for p in shown_pairs:
+            examples = " ".join(
+                f"{_photo_cell(index, a, thumbs, caption=False)}{_photo_cell(index, b, thumbs, caption=False)}"
+                f" {s:.3f}"
+                for a, b, s in p.examples
+            )
+            lines.append(
+                f"| {_md(p.category_a)} | {_md(p.category_b)} | {p.photos_a} / {p.photos_b} "
+                f"| {p.links_a_to_b} ({p.share_a_to_b:.0%}) | {p.links_b_to_a} ({p.share_b_to_a:.0%}) "
+                f"| {p.mix:.3f} | {examples} |"
+            )
+    else:
+        lines.append("None: every photo's neighbours are in its own category.")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: AuditResult) -> str:
+    text = (
+        f"audit: {result.photos} photos in {result.categories} categories, k={result.k}: "
+        f"{len(result.mislabelled)} likely mislabelled (share >= {result.min_share:g}), "
+        f"{len(result.pairs)} category pairs linked"
+    )
+    if result.pairs:
+        top = result.pairs[0]
+        text += f" (most mixed: {top.category_a} / {top.category_b}, mix {top.mix:.3f})"
+    return text + f"; report in {result.out / REPORT_FILE}"
