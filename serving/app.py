@@ -1,0 +1,522 @@
+"""The HTTP layer of the prediction server: FastAPI routes over the classifier and the batcher.
+
+Routes (the serving model is called `--model-name`, "shopvision" by default):
+- Open Inference Protocol v2 (KServe, Triton): GET /v2/health/live, /v2/health/ready, /v2,
+  /v2/models/{name}, /v2/models/{name}/ready; POST /v2/models/{name}/infer
+- KServe v1: GET /v1/models/{name}; POST /v1/models/{name}:predict
+- POST /predict: one or more uploaded photos (multipart), or one photo as the raw body
+- GET /metrics (Prometheus), /docs (OpenAPI)
+
+Errors are JSON `{"error": "..."}`: 4xx for every client mistake (the status says which), 503 while
+not ready or overloaded, 500 only for a fault of the server itself. Nothing here touches torch: a
+request is parsed (`protocol.py`), its photos are decoded on a thread pool by the model's own
+`preprocess`, and the tensors go to the batcher with the model that preprocessed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shopvision import __version__
+from shopvision.components.images import ImageDecodeError
+
+from . import protocol
+from .batcher import DynamicBatcher, NotRunning, Overloaded
+from .metrics import ServingMetrics
+from .model import InputError
+from .settings import ServerSettings, auto_forward_workers
+
+if TYPE_CHECKING:
+    from .model import PhotoClassifier
+    from .registry_watch import ModelRef
+
+log = logging.getLogger("shopvision.serving")
+
+DECODE_STATUS = {"not_an_image": 415, "corrupt_image": 400, "too_many_pixels": 413}
+MAX_FILES = 256  # photos in one /predict upload
+
+
+class ServingState:
+    """What the routes share: the serving model (swapped whole), the batcher, the metrics."""
+
+    def __init__(
+        self,
+        model: PhotoClassifier,
+        settings: ServerSettings,
+        source: str,
+        *,
+        forward_init: Callable[[], None] | None = None,
+        decode_init: Callable[[], None] | None = None,
+    ) -> None:
+        """`forward_init` and `decode_init` run first in each forward and decoding thread (thread limits)."""
+        self.model = model
+        self.settings = settings
+        self.source = source
+        self.metrics = ServingMetrics()
+        self.batcher = DynamicBatcher(
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            on_batch=self.metrics.observe_batch,
+            workers=settings.forward_workers or auto_forward_workers(model.device.type, os.cpu_count() or 1),
+            worker_init=forward_init,
+        )
+        self.metrics.queued.set_function(lambda: self.batcher.queued)
+        self.decode_pool = ThreadPoolExecutor(
+            max_workers=settings.decode_threads, thread_name_prefix="decode", initializer=decode_init
+        )
+        self.ready = False
+        self._show_model()
+
+    def swap(self, model: PhotoClassifier, ref: ModelRef | None = None) -> None:
+        """Serve `model` from the next request on; requests already running finish on the old one."""
+        old, self.model = self.model, model
+        if ref is not None:
+            self.source = ref.requested
+        self.metrics.swaps.inc()
+        self._show_model()
+        log.info("now serving version %s (was %s)", model.version, old.version)
+
+    def _show_model(self) -> None:
+        m = self.model
+        self.metrics.set_model(
+            model=self.settings.model_name,
+            version=m.version,
+            source=self.source,
+            device=str(m.device),
+            precision=m.precision,
+        )
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# --- middleware (plain ASGI: they see every response, 404s and 413s included) ------------------------
+
+
+class RequestMetrics:
+    """Counts requests by route template and status, and times them."""
+
+    def __init__(self, app, metrics: ServingMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_and_record(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(route, status[0], time.perf_counter() - started)
+
+
+class BodyLimit:
+    """Refuses bodies over `max_bytes` with 413, declared (Content-Length) or streamed.
+
+    The body is read here and replayed to the app. An oversized body is still read to its end (up to
+    a cap) before answering, so the client reads the 413 instead of a reset connection.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.drain_cap = 8 * max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.drain_cap:  # not worth reading: refuse and close
+            response = self._too_large()
+            response.headers["connection"] = "close"
+            return await response(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                while more and size <= self.drain_cap:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    size += len(message.get("body", b""))
+                    more = message.get("more_body", False)
+                response = self._too_large()
+                if more:
+                    response.headers["connection"] = "close"
+                return await response(scope, receive, send)
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> JSONResponse:
+        limit = self.max_bytes / 2**20
+        return error(413, f"request body over the limit of {limit:g} MiB (--max-body-mb)")
+
+
+# --- the app ---------------------------------------------------------------------------------------
+
+
+def create_app(
+    state: ServingState,
+    background: Sequence[Callable[[ServingState], Coroutine[Any, Any, None]]] = (),
+) -> FastAPI:
+    """The app over a loaded, warmed model. `background` coroutines (the alias watcher) run while it serves."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher.start()
+        tasks = [asyncio.create_task(make(state)) for make in background]
+        state.ready = True
+        log.info("ready: serving %s as %r", state.model.describe(), state.settings.model_name)
+        try:
+            yield
+        finally:
+            state.ready = False
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await state.batcher.stop()
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="shopvision prediction server",
+        version=__version__,
+        description="Top categories for marketplace product photos: Open Inference Protocol v2, "
+        'KServe v1 and a plain upload route. Errors are JSON `{"error": "..."}`.',
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    settings = state.settings
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(protocol.ProtocolError)
+    async def _protocol_error(request: Request, exc: protocol.ProtocolError) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        return error(422, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+
+    @app.exception_handler(Exception)
+    async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc
+        )
+        return error(500, f"internal server error ({type(exc).__name__})")
+
+    def serving_model(name: str) -> PhotoClassifier:
+        if name != settings.model_name:
+            raise ApiError(404, f"model {name!r} not found; this server serves {settings.model_name!r}")
+        if not state.ready:
+            raise ApiError(503, "the server is not ready")
+        return state.model
+
+    async def in_thread(function: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(state.decode_pool, function, *args)
+
+    async def classify_images(model: PhotoClassifier, blobs: list[bytes], names: list[str]) -> list:
+        """Decode every photo on the pool (in parallel), then one batcher submission."""
+
+        def preprocess(index: int):
+            if not blobs[index]:
+                raise ApiError(400, f"{names[index]} is empty")
+            try:
+                return model.preprocess(blobs[index])
+            except ImageDecodeError as exc:
+                raise ApiError(DECODE_STATUS.get(exc.reason, 400), f"{names[index]}: {exc}") from None
+
+        tensors = await asyncio.gather(*(in_thread(preprocess, i) for i in range(len(blobs))))
+        return await run_batch(model, tensors)
+
+    async def run_batch(model: PhotoClassifier, tensors: list) -> list:
+        try:
+            return await state.batcher.submit(model, tensors)
+        except Overloaded as exc:
+            raise ApiError(503, str(exc)) from None
+        except NotRunning as exc:
+            raise ApiError(503, str(exc)) from None
+
+    def require_json(request: Request) -> None:
+        media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if not (media == "application/json" or media.endswith("+json")):
+            raise ApiError(415, f"Content-Type {media!r} not accepted here: send application/json")
+
+    # --- health and metadata ---
+
+    @app.get("/v2/health/live", tags=["v2"], summary="The process is up")
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"], summary="The model is loaded and warmed up")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+    @app.get("/v2", tags=["v2"], response_model=protocol.ServerMetadata, summary="Server metadata")
+    async def server_metadata() -> dict:
+        return {"name": "shopvision", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get(
+        "/v2/models/{name}",
+        tags=["v2"],
+        response_model=protocol.ModelMetadata,
+        responses={404: {"model": protocol.ErrorBody}},
+        summary="Model metadata: inputs, outputs, labels, preprocessing",
+    )
+    async def model_metadata(name: str) -> dict:
+        model = serving_model(name)
+        spec = model.spec
+        size = spec.image_size
+        return {
+            "name": settings.model_name,
+            "versions": [model.version],
+            "platform": "pytorch",
+            "inputs": [
+                {"name": protocol.IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+                {"name": protocol.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]},
+            ],
+            "outputs": [
+                {"name": "labels", "datatype": "BYTES", "shape": [-1, model.k]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, model.k]},
+                {"name": "confident", "datatype": "BOOL", "shape": [-1]},
+            ],
+            "parameters": {
+                "arch": spec.arch,
+                "labels": spec.labels,
+                "confidence_threshold": model.threshold,
+                "confidence_threshold_source": model.threshold_source,
+                "preprocessing": {
+                    "resize_shorter_side": spec.resize_size,
+                    "center_crop": size,
+                    "scale": "0..1",
+                    "mean": list(spec.mean),
+                    "std": list(spec.std),
+                    "layout": "NCHW, RGB",
+                },
+                "source": state.source,
+                "device": str(model.device),
+                "precision": model.precision,
+            },
+        }
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Whether this model answers")
+    async def model_ready(name: str) -> JSONResponse:
+        if name != settings.model_name:
+            raise ApiError(404, f"model {name!r} not found; this server serves {settings.model_name!r}")
+        return JSONResponse({"name": name, "ready": state.ready}, status_code=200 if state.ready else 503)
+
+    # --- Open Inference Protocol v2 inference ---
+
+    infer_body = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}},
+        }
+    }
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        tags=["v2"],
+        summary="Classify photos (BYTES, base64 in JSON) or preprocessed tensors (FP32 N×3×S×S)",
+        response_model=protocol.InferenceResponse,
+        responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
+        openapi_extra=infer_body,
+    )
+    async def infer(name: str, request: Request) -> JSONResponse:
+        model = serving_model(name)
+        header_length = request.headers.get(protocol.HEADER_LENGTH)
+        if header_length is None:
+            require_json(request)
+        body = await request.body()
+        infer_request, raw = await in_thread(protocol.parse_infer_request, body, header_length)
+        protocol.requested_outputs(infer_request)  # unknown output names fail before any work
+        if len(infer_request.inputs) != 1:
+            raise ApiError(
+                400,
+                f"send exactly one input: {protocol.IMAGE_INPUT} (BYTES) or {protocol.PIXELS_INPUT} (FP32)",
+            )
+        item = infer_request.inputs[0]
+        if item.datatype == "BYTES":
+            blobs = await in_thread(protocol.image_blobs, item, raw.get(0))
+            predictions = await classify_images(
+                model, blobs, [f"input {item.name!r} element {i}" for i in range(len(blobs))]
+            )
+        elif item.datatype == "FP32":
+            array = await in_thread(protocol.pixel_array, item, raw.get(0))
+            try:
+                tensors = await in_thread(model.check_pixels, array)
+            except InputError as exc:
+                raise ApiError(400, f"input {item.name!r}: {exc}") from None
+            if not tensors:
+                raise ApiError(400, f"input {item.name!r} holds no photo")
+            predictions = await run_batch(model, tensors)
+        else:
+            raise ApiError(
+                400, f"input {item.name!r}: datatype {item.datatype!r} not accepted; use BYTES or FP32"
+            )
+        return JSONResponse(
+            protocol.infer_response(settings.model_name, infer_request, predictions, model.threshold)
+        )
+
+    # --- KServe v1 ---
+
+    @app.get("/v1/models/{name}", tags=["v1"], summary="Whether this model answers (KServe v1)")
+    async def v1_model(name: str) -> dict:
+        serving_model(name)
+        return {"name": name, "ready": state.ready}
+
+    @app.post(
+        "/v1/models/{name}:predict",
+        tags=["v1"],
+        summary='Classify base64 photos: {"instances": [{"image": {"b64": "..."}}]}',
+        response_model=protocol.V1Response,
+        responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V1Request"}}},
+            }
+        },
+    )
+    async def v1_predict(name: str, request: Request) -> JSONResponse:
+        model = serving_model(name)
+        require_json(request)
+        blobs = await in_thread(protocol.v1_images, await request.body())
+        predictions = await classify_images(model, blobs, [f"instance {i}" for i in range(len(blobs))])
+        return JSONResponse(protocol.v1_response(settings.model_name, predictions))
+
+    # --- upload route for people and curl ---
+
+    @app.post(
+        "/predict",
+        tags=["upload"],
+        summary="Upload photos (multipart, any field name) and get the top-5 categories of each",
+        description="`curl -F file=@photo.jpg -F file=@other.png http://HOST:PORT/predict`, or one photo "
+        "as the raw body with an image/* Content-Type. `confident` is false when the top probability is "
+        "under the threshold chosen at evaluation.",
+        response_model=protocol.PredictResponse,
+        responses={s: {"model": protocol.ErrorBody} for s in (400, 413, 415, 503)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                            },
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def predict(request: Request) -> JSONResponse:
+        model = serving_model(settings.model_name)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == "multipart/form-data":
+            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+            try:
+                uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                names = [u.filename or f"file {i}" for i, u in enumerate(uploads)]
+                blobs = [await u.read() for u in uploads]
+            finally:
+                await form.close()
+            if not uploads:
+                raise ApiError(400, "no file in the upload: send the photos as multipart file fields")
+        elif media.startswith("image/") or media == "application/octet-stream":
+            names, blobs = ["body"], [await request.body()]
+        else:
+            raise ApiError(
+                415,
+                f"Content-Type {media or 'none'!r} not accepted here: upload multipart/form-data or image/*",
+            )
+        predictions = await classify_images(model, blobs, names)
+        return JSONResponse(
+            protocol.predict_response(settings.model_name, names, predictions, model.threshold)
+        )
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> dict:
+        return {
+            "model_name": settings.model_name,
+            "model_version": state.model.version,
+            "docs": "/docs",
+            "routes": [
+                "/predict",
+                f"/v2/models/{settings.model_name}/infer",
+                f"/v1/models/{settings.model_name}:predict",
+            ],
+        }
+
+    def openapi() -> dict:
+        # The inference routes parse their bodies themselves (for precise 400/415/422 answers);
+        # their request schemas are added here so /docs still shows them.
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (protocol.InferenceRequest, protocol.V1Request):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    return app

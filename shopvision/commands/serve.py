@@ -1,0 +1,189 @@
+"""shopvision serve: the prediction server (Open Inference Protocol v2, KServe v1, uploads, /metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from . import add_step, positive_int
+
+ORDER = 70
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from shopvision.components.errors import StepError
+    from shopvision.components.images import DEFAULT_MAX_PIXELS
+    from shopvision.components.model_source import MLFLOW_SCHEMES
+    from shopvision.components.train_record import resolve_tracking_uri
+    from shopvision.serving.app import ServingState, create_app
+    from shopvision.serving.model import torch_threads
+    from shopvision.serving.registry_watch import AliasWatcher, load_version, parse_registry_uri, resolve
+    from shopvision.serving.settings import ServerSettings, auto_forward_workers
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("shopvision.serving")
+    parsed = parse_registry_uri(args.model)
+    if args.watch_alias and (parsed is None or parsed[1] is None):
+        raise StepError(f"--watch-alias needs --model models:/NAME@ALIAS, not {args.model}")
+    if args.model.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+
+    ref = resolve(args.model)
+    log.info("model %s", ref.describe())
+    options = {
+        "device": args.device,
+        "precision": args.precision,
+        "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+    }
+    warm_up = (1, args.max_batch_size)
+
+    def load(model_ref):
+        return load_version(model_ref, warm_up=warm_up, **options)
+
+    try:
+        model = load(ref)
+    except ValueError as exc:  # device or precision this machine does not have
+        raise StepError(str(exc)) from None
+    settings = ServerSettings(
+        model_name=args.model_name,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        decode_threads=args.decode_threads,
+    )
+    cores = len(os.sched_getaffinity(0))
+    settings.forward_workers = args.forward_workers or auto_forward_workers(model.device.type, cores)
+    # Decoding threads run small torch ops on the CPU: one thread each, so they do not fight the
+    # forward passes for cores. On a CPU each forward worker gets an equal share of the cores.
+    decode_init, forward_init = torch_threads(1), None
+    if model.device.type == "cpu":
+        forward_init = torch_threads(args.threads_per_worker or max(1, cores // settings.forward_workers))
+    log.info(
+        "%d forward worker(s), batches of up to %d photos gathered for up to %g ms",
+        settings.forward_workers,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+    )
+    state = ServingState(
+        model, settings, source=ref.requested, forward_init=forward_init, decode_init=decode_init
+    )
+    background = []
+    if args.watch_alias:
+        watcher = AliasWatcher(
+            ref, interval=args.watch_alias, load=load, swap=state.swap, metrics=state.metrics
+        )
+        background.append(lambda _state: watcher.run())
+        log.info("watching %s every %g s", args.model, args.watch_alias)
+    uvicorn.run(
+        create_app(state, background),
+        host=args.host,
+        port=args.port,
+        workers=1,  # one process owns the GPU; concurrency comes from batching
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def add_parser(steps) -> None:
+    from shopvision.serving.settings import DEVICES, PRECISIONS, ServerSettings
+
+    defaults = ServerSettings()
+    p = add_step(
+        steps,
+        "serve",
+        "serve a model over HTTP: Open Inference Protocol v2, KServe v1, POST /predict uploads, /metrics",
+        _run,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS (resolved to a version at start), models:/NAME/VERSION, runs:/..., "
+        "a training output folder, a model folder or a checkpoint",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N (auto: GPU when present)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="autocast dtype (auto: bf16 on GPUs that have it, else fp16; fp32 on CPU)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        default=defaults.max_batch_size,
+        help="most photos in one forward pass",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=non_negative_float,
+        default=defaults.max_wait_ms,
+        help="longest a photo waits for others to share its forward pass",
+    )
+    p.add_argument(
+        "--watch-alias",
+        type=positive_float,
+        metavar="SECONDS",
+        help="poll the registry alias this often; hot-swap to a new champion",
+    )
+    p.add_argument(
+        "--model-name", default=defaults.model_name, help="the name in /v2/models/NAME and /v1/models/NAME"
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=positive_float,
+        default=defaults.max_body_bytes / 2**20,
+        help="largest request body, MiB",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        help="largest photo (width × height) decoded (default: the clean step's 64 million)",
+    )
+    p.add_argument(
+        "--decode-threads",
+        type=positive_int,
+        default=defaults.decode_threads,
+        help="threads decoding and preprocessing photos",
+    )
+    p.add_argument(
+        "--forward-workers",
+        type=positive_int,
+        help="forward passes in flight at once (default: 1 on a GPU, one per core up to 4 on a CPU)",
+    )
+    p.add_argument(
+        "--threads-per-worker",
+        type=positive_int,
+        help="CPU threads per forward pass (default: the cores shared among the forward workers)",
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn access log)")
