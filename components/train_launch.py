@@ -110,7 +110,8 @@ def _train_on_cluster(
 ) -> None:
     from kubernetes import client, config
 
-    from .cluster_training import pytorchjob_manifest, run_cluster_job, trainjob_manifest
+    from .job_watch import run_cluster_job
+    from .training_jobs import pytorchjob_manifest, trainjob_manifest
 
     if not data_pvc:
         raise StepError(

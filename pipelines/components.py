@@ -179,7 +179,7 @@ def promote_model(
     from collections import namedtuple
     from pathlib import Path
 
-    from shopvision.components.registry import promote, promote_summary
+    from shopvision.components.promotion import promote, promote_summary
 
     decision = promote(
         model_name, version, Path(data.path) / "test", min_gain=min_gain, min_accuracy=min_accuracy
@@ -194,3 +194,20 @@ def deploy_model(model_name: str, namespace: str, deployment: str, kind: str) ->
     from shopvision.components.deploy import deploy
 
     return str(deploy(model_name, "champion", namespace=namespace, target=deployment, kind=kind))
+
+
+@component
+def audit_catalogue(
+    model: Input[Model],
+    cleaned: Input[Dataset],
+    k: int,
+    min_share: float,
+    index: Output[Artifact],
+    report: Output[Artifact],
+) -> str:
+    """Embeddings of every cleaned photo, then likely mislabelled listings and confusable categories."""
+    from shopvision.components.audit import audit, summary
+    from shopvision.components.features import extract_features
+
+    extract_features(f"{model.path}/model_best", cleaned.path, index.path)
+    return summary(audit(index.path, report.path, k=k, min_share=min_share))

@@ -68,6 +68,9 @@ def training_pipeline(
     target_accuracy: float = 0.95,
     min_gain: float = 0.0,
     min_accuracy: float = 0.0,
+    audit: bool = False,
+    audit_k: int = 10,
+    audit_min_share: float = 0.6,
     deploy: bool = False,
     serving_deployment: str = "shopvision-serving",
     serving_kind: str = "deployment",
@@ -138,6 +141,16 @@ def training_pipeline(
         ),
         secrets=True,
     )
+    with dsl.If(audit == True):  # noqa: E712 (KFP condition syntax)
+        _cluster_settings(
+            c.audit_catalogue(
+                model=trained.outputs["model"],
+                cleaned=cleaned.outputs["cleaned"],
+                k=audit_k,
+                min_share=audit_min_share,
+            ),
+            secrets=False,
+        )
     registered = _cluster_settings(
         c.register_model(
             run_id=trained.outputs["run_id"],

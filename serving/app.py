@@ -5,6 +5,8 @@ Routes (the serving model is called `--model-name`, "shopvision" by default):
   /v2/models/{name}, /v2/models/{name}/ready; POST /v2/models/{name}/infer
 - KServe v1: GET /v1/models/{name}; POST /v1/models/{name}:predict
 - POST /predict: one or more uploaded photos (multipart), or one photo as the raw body
+- POST /similar?k=10: the k catalogue photos most like one uploaded photo, with `--similar-index`
+  (404 without); embedded by the index's own model in fp32 on a thread of its own
 - GET /metrics (Prometheus), /docs (OpenAPI)
 
 Errors are JSON `{"error": "..."}`: 4xx for every client mistake (the status says which), 503 while
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -41,17 +43,24 @@ from .model import InputError
 from .settings import ServerSettings, auto_forward_workers
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from .model import PhotoClassifier
     from .registry_watch import ModelRef
+    from .similar import SimilarAnswer, SimilarPhotos
 
 log = logging.getLogger("shopvision.serving")
 
 DECODE_STATUS = {"not_an_image": 415, "corrupt_image": 400, "too_many_pixels": 413}
 MAX_FILES = 256  # photos in one /predict upload
+SIMILAR_DEFAULT_K = 10
+SIMILAR_MAX_K = 1000  # neighbours in one /similar answer
+SIMILAR_MAX_PENDING = 64  # /similar queries waiting for or in the search thread; more: 503
 
 
 class ServingState:
-    """What the routes share: the serving model (swapped whole), the batcher, the metrics."""
+    """What the routes share: the serving model (swapped whole), the batcher, the metrics, and the
+    similar-photo index when there is one (never swapped: it stays with the model that built it)."""
 
     def __init__(
         self,
@@ -61,8 +70,11 @@ class ServingState:
         *,
         forward_init: Callable[[], None] | None = None,
         decode_init: Callable[[], None] | None = None,
+        similar: SimilarPhotos | None = None,
+        similar_init: Callable[[], None] | None = None,
     ) -> None:
-        """`forward_init` and `decode_init` run first in each forward and decoding thread (thread limits)."""
+        """`forward_init`, `decode_init` and `similar_init` run first in each forward, decoding and
+        similar-search thread (thread limits)."""
         self.model = model
         self.settings = settings
         self.source = source
@@ -78,6 +90,16 @@ class ServingState:
         self.decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="decode", initializer=decode_init
         )
+        self.similar = similar
+        # One thread embeds and searches, one query at a time: a query is one photo, and the search
+        # itself spreads over the thread's torch threads.
+        self.similar_pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="similar", initializer=similar_init)
+            if similar is not None
+            else None
+        )
+        self.similar_pending = 0
+        self.metrics.similar_index_size.set(similar.size if similar is not None else 0)
         self.ready = False
         self._show_model()
 
@@ -216,6 +238,8 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.batcher.stop()
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            if state.similar_pool is not None:
+                state.similar_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="shopvision prediction server",
@@ -261,18 +285,23 @@ def create_app(
     async def in_thread(function: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(state.decode_pool, function, *args)
 
+    def decoded(convert: Callable[[bytes], Any], blob: bytes, name: str) -> Any:
+        """`convert(blob)` (a model's decoder), with bad photos as the client errors they are."""
+        if not blob:
+            raise ApiError(400, f"{name} is empty")
+        try:
+            return convert(blob)
+        except ImageDecodeError as exc:
+            raise ApiError(DECODE_STATUS.get(exc.reason, 400), f"{name}: {exc}") from None
+
     async def classify_images(model: PhotoClassifier, blobs: list[bytes], names: list[str]) -> list:
         """Decode every photo on the pool (in parallel), then one batcher submission."""
-
-        def preprocess(index: int):
-            if not blobs[index]:
-                raise ApiError(400, f"{names[index]} is empty")
-            try:
-                return model.preprocess(blobs[index])
-            except ImageDecodeError as exc:
-                raise ApiError(DECODE_STATUS.get(exc.reason, 400), f"{names[index]}: {exc}") from None
-
-        tensors = await asyncio.gather(*(in_thread(preprocess, i) for i in range(len(blobs))))
+        tensors = await asyncio.gather(
+            *(
+                in_thread(decoded, model.preprocess, blob, name)
+                for blob, name in zip(blobs, names, strict=True)
+            )
+        )
         return await run_batch(model, tensors)
 
     async def run_batch(model: PhotoClassifier, tensors: list) -> list:
@@ -433,6 +462,28 @@ def create_app(
 
     # --- upload route for people and curl ---
 
+    async def read_uploads(request: Request) -> tuple[list[str], list[bytes]]:
+        """(names, encoded photos) of a multipart upload (any field name) or of a raw image/* body."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media == "multipart/form-data":
+            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+            try:
+                uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                names = [u.filename or f"file {i}" for i, u in enumerate(uploads)]
+                blobs = [await u.read() for u in uploads]
+            finally:
+                await form.close()
+            if not uploads:
+                raise ApiError(400, "no file in the upload: send the photos as multipart file fields")
+        elif media.startswith("image/") or media == "application/octet-stream":
+            names, blobs = ["body"], [await request.body()]
+        else:
+            raise ApiError(
+                415,
+                f"Content-Type {media or 'none'!r} not accepted here: upload multipart/form-data or image/*",
+            )
+        return names, blobs
+
     @app.post(
         "/predict",
         tags=["upload"],
@@ -461,27 +512,81 @@ def create_app(
     )
     async def predict(request: Request) -> JSONResponse:
         model = serving_model(settings.model_name)
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media == "multipart/form-data":
-            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
-            try:
-                uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-                names = [u.filename or f"file {i}" for i, u in enumerate(uploads)]
-                blobs = [await u.read() for u in uploads]
-            finally:
-                await form.close()
-            if not uploads:
-                raise ApiError(400, "no file in the upload: send the photos as multipart file fields")
-        elif media.startswith("image/") or media == "application/octet-stream":
-            names, blobs = ["body"], [await request.body()]
-        else:
-            raise ApiError(
-                415,
-                f"Content-Type {media or 'none'!r} not accepted here: upload multipart/form-data or image/*",
-            )
+        names, blobs = await read_uploads(request)
         predictions = await classify_images(model, blobs, names)
         return JSONResponse(
             protocol.predict_response(settings.model_name, names, predictions, model.threshold)
+        )
+
+    # --- similar catalogue photos ---
+
+    async def find_similar(finder: SimilarPhotos, image: Image.Image, k: int) -> SimilarAnswer:
+        """Embed and search on the similar thread; 503 when too many queries already wait for it."""
+        if state.similar_pending >= SIMILAR_MAX_PENDING:
+            raise ApiError(503, f"{state.similar_pending} similar-photo queries already waiting; retry later")
+        state.similar_pending += 1
+        try:
+            started = time.perf_counter()
+            answer = await asyncio.get_running_loop().run_in_executor(
+                state.similar_pool, finder.find, image, k
+            )
+        except RuntimeError as exc:  # the pool was shut down: the server is stopping
+            if "shutdown" not in str(exc):
+                raise
+            raise ApiError(503, "the server is shutting down") from None
+        finally:
+            state.similar_pending -= 1
+        state.metrics.observe_similar(time.perf_counter() - started)
+        return answer
+
+    @app.post(
+        "/similar",
+        tags=["similar"],
+        summary="Upload one photo and get the k most similar catalogue photos (needs --similar-index)",
+        description="`curl -F file=@photo.jpg 'http://HOST:PORT/similar?k=10'`, or the photo as the raw "
+        "body with an image/* Content-Type. Exact cosine search over the index given with "
+        "`--similar-index`, embedded by that index's own model (not the served champion) in fp32. "
+        "k larger than the index returns the whole index, ranked. 404 when the server has no index.",
+        response_model=protocol.SimilarResponse,
+        responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def similar(
+        request: Request,
+        k: int = Query(SIMILAR_DEFAULT_K, ge=1, le=SIMILAR_MAX_K, description="neighbours to return"),
+        embedding: bool = Query(False, description="also return the query photo's embedding"),
+    ) -> JSONResponse:
+        finder = state.similar
+        if finder is None:
+            raise ApiError(
+                404,
+                "this server has no similar-photo index: start it with --similar-index DIR "
+                "(an index made by 'shopvision features')",
+            )
+        if not state.ready:
+            raise ApiError(503, "the server is not ready")
+        names, blobs = await read_uploads(request)
+        if len(blobs) != 1:
+            raise ApiError(400, f"send exactly one photo to /similar, got {len(blobs)}")
+        image = await in_thread(decoded, finder.decode, blobs[0], names[0])
+        answer = await find_similar(finder, image, k)
+        return JSONResponse(
+            protocol.similar_response(
+                names[0], finder.size, answer.neighbours, answer.embedding if embedding else None
+            )
         )
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
@@ -498,6 +603,7 @@ def create_app(
                 "/predict",
                 f"/v2/models/{settings.model_name}/infer",
                 f"/v1/models/{settings.model_name}:predict",
+                *(["/similar"] if state.similar is not None else []),
             ],
         }
 

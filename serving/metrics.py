@@ -72,12 +72,30 @@ class ServingMetrics:
         self.registry_errors = Counter(
             "shopvision_registry_poll_errors", "Alias polls that could not reach the registry", registry=r
         )
+        self.similar_queries = Counter(
+            "shopvision_similar_queries", "Photos searched for similar catalogue photos", registry=r
+        )
+        self.similar_seconds = Histogram(
+            "shopvision_similar_seconds",
+            "Time to embed one photo and search the similar-photo index",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.similar_index_size = Gauge(
+            "shopvision_similar_index_size",
+            "Catalogue photos in the similar-photo index (0: none configured)",
+            registry=r,
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.forward_passes.inc()
         self.batch_size.observe(size)
         self.forward_seconds.observe(seconds)
         self.images.inc(size)
+
+    def observe_similar(self, seconds: float) -> None:
+        self.similar_queries.inc()
+        self.similar_seconds.observe(seconds)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route, str(code)).inc()

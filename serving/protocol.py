@@ -145,6 +145,24 @@ class PredictResponse(BaseModel):
     predictions: list[PhotoResult]
 
 
+class SimilarNeighbour(BaseModel):
+    rank: int = Field(description="1 = most similar")
+    similarity: float = Field(description="cosine similarity of the two embeddings")
+    category: str
+    product_id: str
+    path: str = Field(description="the photo's path in the catalogue the index was built from")
+
+
+class SimilarResponse(BaseModel):
+    file: str
+    k: int = Field(description="neighbours returned: the k asked for, or the index size when smaller")
+    index_size: int
+    neighbours: list[SimilarNeighbour]
+    embedding: list[float] | None = Field(
+        default=None, description="the query's L2-normalised embedding (with ?embedding=true)"
+    )
+
+
 # --- requests -------------------------------------------------------------------------------------
 
 
@@ -360,3 +378,27 @@ def predict_response(
             for file, p in zip(files, predictions, strict=True)
         ],
     }
+
+
+def similar_response(
+    file: str, index_size: int, neighbours: Sequence[Any], embedding: Sequence[float] | None = None
+) -> dict:
+    """`neighbours` are objects with rank, similarity, category, product_id and path (similar.SimilarPhoto)."""
+    body = {
+        "file": file,
+        "k": len(neighbours),
+        "index_size": index_size,
+        "neighbours": [
+            {
+                "rank": n.rank,
+                "similarity": n.similarity,
+                "category": n.category,
+                "product_id": n.product_id,
+                "path": n.path,
+            }
+            for n in neighbours
+        ],
+    }
+    if embedding is not None:
+        body["embedding"] = [float(v) for v in embedding]
+    return body

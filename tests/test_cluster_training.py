@@ -36,17 +36,11 @@ import pytest
 import yaml
 from kubernetes import client
 
-from shopvision.components import cluster_training as ct
-from shopvision.components.cluster_training import (
-    Interrupted,
-    job_state,
-    pod_problems,
-    pytorchjob_manifest,
-    run_cluster_job,
-    torchrun_command,
-    trainjob_manifest,
-)
+from shopvision.components import job_watch as ct
 from shopvision.components.errors import StepError
+from shopvision.components.job_failures import pod_problems
+from shopvision.components.job_watch import Interrupted, job_state, run_cluster_job
+from shopvision.components.training_jobs import pytorchjob_manifest, torchrun_command, trainjob_manifest
 
 CRDS = Path(__file__).parent / "crds" / "training"
 NAMESPACE = "shopvision"

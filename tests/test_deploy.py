@@ -28,16 +28,16 @@ import pytest
 from kubernetes import client
 
 from shopvision.components import deploy as deploy_module
-from shopvision.components.deploy import (
+from shopvision.components.deploy import deploy
+from shopvision.components.errors import StepError
+from shopvision.components.rollout import (
     MODEL_VERSION_ANNOTATION,
     Rollout,
-    deploy,
     deployment_rollout,
     model_argument,
     serving_state,
     with_model,
 )
-from shopvision.components.errors import StepError
 
 NAMESPACE = "shopvision"
 MODEL = "shopvision"

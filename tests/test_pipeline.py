@@ -200,6 +200,8 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
         "train_image_size": 32,
         "lr": 0.01,
         "launcher": "local",
+        "audit": True,
+        "audit_k": 3,
     }
     report = run_locally(arguments, tmp_path / "work")
     assert report["champion_version"] == "1"
@@ -211,5 +213,9 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
     assert run.data.params["arch"] == "resnet18"
     assert "test_top1_accuracy" in run.data.metrics  # evaluation logged to the training run
     tasks = {p.name for p in next((tmp_path / "work" / "pipeline-root").iterdir()).iterdir()}
-    assert {"clean-photos", "train-model", "evaluate-model", "promote-model"} <= tasks
+    assert {"clean-photos", "train-model", "evaluate-model", "promote-model", "audit-catalogue"} <= tasks
+    audit_dir = next((tmp_path / "work" / "pipeline-root").iterdir()) / "audit-catalogue"
+    assert (audit_dir / "report" / "report.md").is_file() and (
+        audit_dir / "report" / "mislabelled.csv"
+    ).is_file()
     assert "deploy-model" not in tasks  # deploy is off for local runs

@@ -60,6 +60,9 @@ def registry(tmp_path_factory):
     v1 = fitted_model(folder / "v1", labels, photos, [p.parent.name for p in photos], steps=200)
     with running_mlflow_server(folder / "server") as (url, _process):
         mlflow.set_tracking_uri(url)
+        # MLflow keeps the active experiment in a global: an earlier module's experiment id does not
+        # exist on this server, so name ours explicitly.
+        mlflow.set_experiment("serving-tests")
         client = mlflow.MlflowClient()
         register(v1, client)
         client.set_model_version_tag(NAME, "1", "confidence_threshold", str(THRESHOLD))

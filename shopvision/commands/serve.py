@@ -1,10 +1,12 @@
-"""shopvision serve: the prediction server (Open Inference Protocol v2, KServe v1, uploads, /metrics)."""
+"""shopvision serve: the prediction server (Open Inference Protocol v2, KServe v1, uploads, /metrics,
+and POST /similar over an embedding index with --similar-index)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from . import add_step, positive_int
 
@@ -49,6 +51,19 @@ def _run(args: argparse.Namespace) -> None:
 
         mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))
 
+    similar = None
+    if args.similar_index is not None:  # before the classifier: a wrong folder fails in seconds
+        from shopvision.serving.similar import SimilarPhotos
+
+        try:
+            similar = SimilarPhotos(
+                args.similar_index, device=args.device, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS
+            )
+        except ValueError as exc:  # a device this machine does not have
+            raise StepError(str(exc)) from None
+        similar.warm_up()
+        log.info("similar photos: %s", similar.describe())
+
     ref = resolve(args.model)
     log.info("model %s", ref.describe())
     options = {
@@ -86,7 +101,14 @@ def _run(args: argparse.Namespace) -> None:
         settings.max_wait_ms,
     )
     state = ServingState(
-        model, settings, source=ref.requested, forward_init=forward_init, decode_init=decode_init
+        model,
+        settings,
+        source=ref.requested,
+        forward_init=forward_init,
+        decode_init=decode_init,
+        similar=similar,
+        # on a CPU the search thread gets a forward worker's share of the cores
+        similar_init=forward_init,
     )
     background = []
     if args.watch_alias:
@@ -121,6 +143,13 @@ def add_parser(steps) -> None:
         required=True,
         help="models:/NAME@ALIAS (resolved to a version at start), models:/NAME/VERSION, runs:/..., "
         "a training output folder, a model folder or a checkpoint",
+    )
+    p.add_argument(
+        "--similar-index",
+        type=Path,
+        metavar="DIR",
+        help="an index made by 'shopvision features': enables POST /similar (top-k similar catalogue "
+        "photos for an uploaded one), embedded by the index's own model in fp32",
     )
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     p.add_argument("--port", type=int, default=8080)
