@@ -21,8 +21,6 @@ on hand-made ones; `audit` adds the search, the files and the thumbnails.
 
 from __future__ import annotations
 
-import csv
-import io
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -32,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .embedding_index import EmbeddingIndex, load_index, search
 from .errors import StepError
-from .features import EmbeddingIndex, load_index, search
 from .images import ImageDecodeError, decode_image, encode_jpeg, shrink_to_fit
 from .naming import atomic_write_bytes, atomic_write_text
 from .predict import pick_device
 from .progress import Progress
+from .step_output import csv_text, prepare_out
 
 MISLABELLED_FILE = "mislabelled.csv"
 PAIRS_FILE = "confusable_pairs.csv"
@@ -223,16 +222,8 @@ def confusable_pairs(
 
 def _prepare_out(out: Path) -> None:
     """OUT must be new, empty, or an earlier audit (recognised by its mislabelled.csv)."""
-    if out.exists() and not out.is_dir():
-        raise StepError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not (out / MISLABELLED_FILE).is_file():
-            raise StepError(
-                f"output folder {out} is not empty and holds no {MISLABELLED_FILE}: refusing to write into a "
-                "folder that was not made by 'shopvision audit' (choose an empty or new folder)"
-            )
+    if prepare_out(out, MISLABELLED_FILE, "audit"):
         shutil.rmtree(out / THUMBS_DIR, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def audit(
@@ -286,14 +277,6 @@ def audit(
     return result
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _mislabelled_csv(index: EmbeddingIndex, found: Sequence[MislabelledPhoto]) -> str:
     header = (
         "path",
@@ -322,7 +305,7 @@ def _mislabelled_csv(index: EmbeddingIndex, found: Sequence[MislabelledPhoto]) -
         )
         for m in found
     ]
-    return _csv_text(header, rows)
+    return csv_text(header, rows)
 
 
 def _pairs_csv(pairs: Sequence[CategoryPair]) -> str:
@@ -353,7 +336,7 @@ def _pairs_csv(pairs: Sequence[CategoryPair]) -> str:
         )
         for p in pairs
     ]
-    return _csv_text(header, rows)
+    return csv_text(header, rows)
 
 
 def _report_positions(mislabelled: Sequence[MislabelledPhoto], pairs: Sequence[CategoryPair]) -> set[int]:

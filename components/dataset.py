@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import StepError
 from .naming import link_or_copy
+from .step_output import prepare_out
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -31,18 +32,10 @@ def category_photos(folder: Path) -> dict[str, list[Path]]:
 
 
 def prepare_output(out: Path, marker: str, step: str) -> None:
-    """An output folder must be new, empty, or this step's earlier output (which is then replaced)."""
-    if out.exists() and not out.is_dir():
-        raise StepError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not (out / marker).exists():
-            raise StepError(
-                f"output folder {out} is not empty and holds no {marker}: refusing to write into a folder "
-                f"that was not made by 'shopvision {step}' (choose an empty or new folder)"
-            )
+    """An output folder must be new, empty, or this step's earlier output (whose splits are replaced)."""
+    if prepare_out(out, marker, step):
         for split in SPLITS:
             _remove_tree(out / split)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _remove_tree(path: Path) -> None:

@@ -28,8 +28,10 @@ import numpy as np
 from . import metrics as m
 from .dataset import SPLITS
 from .errors import StepError
+from .evaluation_plots import plot_confusion_matrix, plot_coverage
 from .naming import atomic_write_text, link_or_copy, product_id
 from .predict import PhotoPrediction, UnreadablePhoto, collect_files, pick_device, predict_files
+from .step_output import csv_text, prepare_out
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -42,9 +44,6 @@ THRESHOLD_KEY = "confidence_threshold"  # spec.extra key, metrics.json key, run 
 DEFAULT_TARGET_ACCURACY = 0.95
 TOP_K = 5
 TOP_CONFUSIONS_IN_JSON = 20
-# Beyond these many categories, names and cell values would overlap on any sensible figure size.
-NAMED_TICKS_UP_TO = 40
-CELL_VALUES_UP_TO = 15
 
 
 @dataclass
@@ -232,7 +231,7 @@ def evaluate(
                 f"taxonomy {taxonomy} has no macro category for {len(missing)} categories of the model or "
                 f"the test data: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
             )
-    _prepare_out(out)
+    prepare_out(out, METRICS_FILE, "evaluate")  # new, empty, or an earlier evaluation
     predicted = predict_files(network, spec, files, top_k=TOP_K, batch_size=batch_size, progress=progress)
     category_of = dict(zip(files, categories, strict=True))
     true_categories = [category_of[p.path] for p in predicted.predictions]
@@ -274,26 +273,6 @@ def evaluate(
     return EvaluationResult(out, metrics, out / MODEL_DIR, list(predicted.unreadable), run_id)
 
 
-def _prepare_out(out: Path) -> None:
-    """OUT must be new, empty, or an earlier evaluation (recognised by its metrics.json)."""
-    if out.exists() and not out.is_dir():
-        raise StepError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (out / METRICS_FILE).is_file():
-        raise StepError(
-            f"output folder {out} is not empty and holds no {METRICS_FILE}: refusing to write into a folder "
-            "that was not made by 'shopvision evaluate' (choose an empty or new folder)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _write_predictions(target, test_dir, true_categories, predictions) -> None:
     k = len(predictions[0].indices) if predictions else TOP_K
     header = ["true_category", "product_id", "file", "correct"]
@@ -309,12 +288,12 @@ def _write_predictions(target, test_dir, true_categories, predictions) -> None:
         for label, prob in zip(p.labels, p.probabilities, strict=True):
             row += [label, f"{prob:.6f}"]
         rows.append(row)
-    atomic_write_text(target, _csv_text(header, rows))
+    atomic_write_text(target, csv_text(header, rows))
 
 
 def _write_confusions(target: Path, cells: list[dict]) -> None:
     rows = [[c["true_category"], c["predicted_category"], c["count"], f"{c['share']:.6f}"] for c in cells]
-    atomic_write_text(target, _csv_text(["true_category", "predicted_category", "count", "share"], rows))
+    atomic_write_text(target, csv_text(["true_category", "predicted_category", "count", "share"], rows))
 
 
 def _write_coverage(target: Path, curve: Sequence[m.CoveragePoint]) -> None:
@@ -327,99 +306,7 @@ def _write_coverage(target: Path, curve: Sequence[m.CoveragePoint]) -> None:
         ]
         for p in curve
     ]
-    atomic_write_text(target, _csv_text(["threshold", "covered", "coverage", "accuracy"], rows))
-
-
-def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], target: Path) -> None:
-    """Row-normalised matrix as a PNG that stays readable from a handful to hundreds of categories.
-
-    Few categories: names on both axes and the share in each cell. Many: a heat map with category
-    indices (the order of `per_category` in metrics.json) and no text that would overlap; the top
-    confusions are listed in metrics.json and confusions.csv instead.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize, PowerNorm
-    from matplotlib.figure import Figure
-
-    n = len(labels)
-    shares = m.normalise_rows(matrix)
-    side = float(np.clip(4 + 0.3 * n, 6, 16))  # inches; 100 dpi keeps 200 categories at ~7 px a cell
-    figure = Figure(figsize=(side + 1.5, side))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    # With many categories most confusions are a few percent of a row: a square-root colour scale
-    # keeps them visible next to the diagonal.
-    many = n > NAMED_TICKS_UP_TO
-    norm = PowerNorm(0.5, vmin=0.0, vmax=1.0) if many else Normalize(vmin=0.0, vmax=1.0)
-    image = axes.imshow(shares, cmap="Blues", norm=norm, interpolation="nearest", aspect="equal")
-    scale = " (square-root colour scale)" if many else ""
-    figure.colorbar(
-        image, ax=axes, fraction=0.046, pad=0.04, label=f"share of the true category's photos{scale}"
-    )
-    if not many:
-        size = 9 if n <= 15 else 7
-        axes.set_xticks(range(n), labels, rotation=90, fontsize=size)
-        axes.set_yticks(range(n), labels, fontsize=size)
-        axes.set_xlabel("predicted category")
-        axes.set_ylabel("true category")
-    else:
-        step = max(1, int(np.ceil(n / 10)))
-        axes.set_xticks(range(0, n, step))
-        axes.set_yticks(range(0, n, step))
-        axes.set_xlabel("predicted category (index, as ordered in metrics.json)")
-        axes.set_ylabel("true category (index)")
-    if n <= CELL_VALUES_UP_TO:
-        for (row, col), value in np.ndenumerate(shares):
-            if value >= 0.005:
-                axes.text(
-                    col,
-                    row,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if value > 0.6 else "black",
-                )
-    photos = int(np.asarray(matrix).sum())
-    title = f"confusion matrix, row-normalised: {photos} photos, {n} categories"
-    if many:
-        title += "\n(top confusions: confusions.csv)"
-    axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
-
-
-def plot_coverage(
-    curve: Sequence[m.CoveragePoint], target_accuracy: float, threshold: float | None, target: Path
-) -> None:
-    """Coverage and accuracy against the confidence threshold, the target and the chosen threshold."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    thresholds = [p.threshold for p in curve]
-    axes.plot(thresholds, [p.coverage for p in curve], label="coverage (share of photos answered)")
-    axes.plot(
-        thresholds,
-        [np.nan if p.accuracy is None else p.accuracy for p in curve],
-        label="top-1 accuracy on them",
-    )
-    axes.axhline(
-        target_accuracy, color="grey", linestyle="--", linewidth=1, label=f"target {target_accuracy:g}"
-    )
-    if threshold is not None:
-        axes.axvline(threshold, color="red", linestyle=":", linewidth=1.5, label=f"threshold {threshold:.2f}")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.02)
-    axes.set_xlabel("confidence threshold (top-1 probability ≥)")
-    axes.legend(loc="lower left", fontsize=8)
-    axes.set_title(
-        "accuracy vs coverage" + ("" if threshold is not None else " (no threshold reaches the target)")
-    )
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
+    atomic_write_text(target, csv_text(["threshold", "covered", "coverage", "accuracy"], rows))
 
 
 def log_to_run(run_id: str, out: Path, metrics: Mapping, tracking_uri: str | None = None) -> None:

@@ -16,12 +16,8 @@ from tiny_models import constant_model, fitted_model
 
 from shopvision.cli import main
 from shopvision.components.errors import StepError
-from shopvision.components.evaluate import (
-    evaluate,
-    find_test_dir,
-    plot_confusion_matrix,
-    summary,
-)
+from shopvision.components.evaluate import evaluate, find_test_dir, summary
+from shopvision.components.evaluation_plots import plot_confusion_matrix
 from shopvision.components.models import ModelSpec, load_classifier
 from shopvision.components.predict import classify, collect_files, format_table, write_predictions
 

@@ -32,16 +32,8 @@ import shopvision
 from shopvision.cli import main
 from shopvision.components.errors import StepError
 from shopvision.components.evaluate import evaluate
-from shopvision.components.registry import (
-    CHAMPION,
-    PREVIOUS,
-    Score,
-    aliases,
-    decide,
-    promote,
-    register,
-    rollback,
-)
+from shopvision.components.promotion import Score, decide, promote, rollback
+from shopvision.components.registry import CHAMPION, PREVIOUS, aliases, register
 from shopvision.components.tracking import log_classifier
 
 COUNTS = {"Banana": 8, "Carrots": 8, "Lemon": 4}  # every other category: 2 photos

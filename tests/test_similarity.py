@@ -28,17 +28,12 @@ from shopvision.components.audit import (
     find_mislabelled,
     other_listing_neighbours,
 )
+from shopvision.components.embedding_index import load_index, load_index_model, search
 from shopvision.components.errors import StepError
-from shopvision.components.features import (
-    embed_images,
-    extract_features,
-    find_similar,
-    load_index,
-    load_index_model,
-    search,
-)
+from shopvision.components.features import embed_images, extract_features
 from shopvision.components.images import decode_image
 from shopvision.components.models import ModelSpec, build_model, save_classifier
+from shopvision.components.similar import find_similar
 
 # (source photo, the category it is wrongly filed under as another seller's listing)
 MISFILED = [

@@ -19,7 +19,7 @@ def _run_register(args: argparse.Namespace) -> None:
 
 def _run_promote(args: argparse.Namespace) -> None:
     from shopvision.components.predict import progress_printer
-    from shopvision.components.registry import promote, promote_summary
+    from shopvision.components.promotion import promote, promote_summary
 
     decision = promote(
         args.name,
@@ -37,7 +37,7 @@ def _run_promote(args: argparse.Namespace) -> None:
 
 
 def _run_rollback(args: argparse.Namespace) -> None:
-    from shopvision.components.registry import rollback, rollback_summary
+    from shopvision.components.promotion import rollback, rollback_summary
 
     print(rollback_summary(rollback(args.name, tracking_uri=args.tracking_uri)))
 

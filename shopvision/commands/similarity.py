@@ -25,7 +25,7 @@ def _run_features(args: argparse.Namespace) -> None:
 
 def _run_similar(args: argparse.Namespace) -> None:
     from shopvision.components.errors import StepError
-    from shopvision.components.features import find_similar, format_similar, similar_summary
+    from shopvision.components.similar import find_similar, format_similar, similar_summary
 
     result = find_similar(args.index, args.photos, k=args.k, batch_size=args.batch_size, device=args.device)
     if result.queries:
