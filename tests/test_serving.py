@@ -76,6 +76,20 @@ def register(model_dir: Path, client) -> str:
     return str(info.registered_model_version)
 
 
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path, seconds: float = 90) -> None:
+    """Until /v2/health/ready answers 200; fails with the server's log when it exits or times out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"serve exited early:\n{log_path.read_text()}"
+        assert time.monotonic() < deadline, f"serve not ready:\n{log_path.read_text()}"
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(registry):
     """`shopvision serve` for models:/NAME@champion, watching the alias every second."""
@@ -92,16 +106,7 @@ def server(registry):
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"serve exited early:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"serve not ready:\n{log_path.read_text()}"
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.25)
+        wait_ready(url, process, log_path)
         yield {"url": url, "log": log_path, "process": process}
     finally:
         process.terminate()

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 import requests
 import torch
 from mlflow_server import free_port
-from test_serving import metric, png_bytes
+from test_serving import metric, png_bytes, wait_ready
 
 from shopvision.components.features import extract_features
 from shopvision.components.models import ModelSpec, build_model, save_classifier
@@ -64,19 +63,6 @@ def serving(*args: str, log_path: Path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def wait_ready(url: str, process: subprocess.Popen, log_path: Path, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        assert process.poll() is None, f"serve exited early:\n{log_path.read_text()}"
-        assert time.monotonic() < deadline, f"serve not ready:\n{log_path.read_text()}"
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
