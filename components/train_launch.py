@@ -108,9 +108,10 @@ def _train_on_cluster(
     data_pvc: str,
     **hyper,
 ) -> None:
-    from kubernetes import client, config
+    from kubernetes import client
 
     from .job_watch import run_cluster_job
+    from .kube_api import kube_api_client
     from .training_jobs import pytorchjob_manifest, trainjob_manifest
 
     if not data_pvc:
@@ -148,11 +149,12 @@ def _train_on_cluster(
         tolerations=[],
         labels={"app.kubernetes.io/part-of": "shopvision", "shopvision.io/role": "training"},
     )
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
+    api = kube_api_client()
     run_cluster_job(
-        client.CustomObjectsApi(), launcher, manifest, timeout_s=7 * 24 * 3600, core_api=client.CoreV1Api()
+        client.CustomObjectsApi(api),
+        launcher,
+        manifest,
+        timeout_s=7 * 24 * 3600,
+        core_api=client.CoreV1Api(api),
     )
     shutil.copytree(work / "out", out, dirs_exist_ok=True)
