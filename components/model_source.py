@@ -6,6 +6,8 @@ weights.pt, then loads it with `models.load_classifier` (no arbitrary unpickling
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,10 +48,17 @@ def _from_checkpoint(path: Path) -> Path:
         raise StepError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(checkpoint, dict) or "spec" not in checkpoint:
         raise StepError(f"{path} is not a shopvision checkpoint (it has no model spec)")
-    target = Path(tempfile.mkdtemp(prefix="shopvision-model-"))
+    target = scratch_dir()
     (target / SPEC_NAME).write_text(ModelSpec(**checkpoint["spec"]).to_json())
     torch.save(read_state_dict(path), target / WEIGHTS_NAME)
     return target
+
+
+def scratch_dir() -> Path:
+    """A private temporary folder for an exported or downloaded model, removed when the process exits."""
+    path = tempfile.mkdtemp(prefix="shopvision-model-")
+    atexit.register(shutil.rmtree, path, True)
+    return Path(path)
 
 
 def download_mlflow_artifacts(uri: str) -> Path:
@@ -57,7 +66,7 @@ def download_mlflow_artifacts(uri: str) -> Path:
     import mlflow
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch_dir())))
     except Exception as exc:  # MLflow raises its own and requests' exceptions
         raise StepError(f"cannot fetch {uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
