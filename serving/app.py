@@ -12,17 +12,16 @@ Routes (the serving model is called `--model-name`, "shopvision" by default):
 Errors are JSON `{"error": "..."}`: 4xx for every client mistake (the status says which), 503 while
 not ready or overloaded, 500 only for a fault of the server itself. Nothing here touches torch: a
 request is parsed (`protocol.py`), its photos are decoded on a thread pool by the model's own
-`preprocess`, and the tensors go to the batcher with the model that preprocessed them.
+`preprocess`, and the tensors go to the batcher with the model that preprocessed them
+(`handling.py`); what the routes share lives in `state.py`, the ASGI middleware in `middleware.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -30,191 +29,37 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shopvision import __version__
-from shopvision.components.images import ImageDecodeError
 
 from . import protocol
-from .batcher import DynamicBatcher, NotRunning, Overloaded
-from .metrics import ServingMetrics
+from .handling import (
+    ApiError,
+    classify_images,
+    decoded,
+    error,
+    in_thread,
+    read_uploads,
+    require_json,
+    run_batch,
+    serving_model,
+    unknown_model,
+)
+from .middleware import BodyLimit, RequestMetrics
 from .model import InputError
-from .settings import ServerSettings, auto_forward_workers
+from .state import ServingState
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .model import PhotoClassifier
-    from .registry_watch import ModelRef
     from .similar import SimilarAnswer, SimilarPhotos
 
 log = logging.getLogger("shopvision.serving")
 
-DECODE_STATUS = {"not_an_image": 415, "corrupt_image": 400, "too_many_pixels": 413}
-MAX_FILES = 256  # photos in one /predict upload
 SIMILAR_DEFAULT_K = 10
 SIMILAR_MAX_K = 1000  # neighbours in one /similar answer
 SIMILAR_MAX_PENDING = 64  # /similar queries waiting for or in the search thread; more: 503
-
-
-class ServingState:
-    """What the routes share: the serving model (swapped whole), the batcher, the metrics, and the
-    similar-photo index when there is one (never swapped: it stays with the model that built it)."""
-
-    def __init__(
-        self,
-        model: PhotoClassifier,
-        settings: ServerSettings,
-        source: str,
-        *,
-        forward_init: Callable[[], None] | None = None,
-        decode_init: Callable[[], None] | None = None,
-        similar: SimilarPhotos | None = None,
-        similar_init: Callable[[], None] | None = None,
-    ) -> None:
-        """`forward_init`, `decode_init` and `similar_init` run first in each forward, decoding and
-        similar-search thread (thread limits)."""
-        self.model = model
-        self.settings = settings
-        self.source = source
-        self.metrics = ServingMetrics()
-        self.batcher = DynamicBatcher(
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            on_batch=self.metrics.observe_batch,
-            workers=settings.forward_workers or auto_forward_workers(model.device.type, os.cpu_count() or 1),
-            worker_init=forward_init,
-        )
-        self.metrics.queued.set_function(lambda: self.batcher.queued)
-        self.decode_pool = ThreadPoolExecutor(
-            max_workers=settings.decode_threads, thread_name_prefix="decode", initializer=decode_init
-        )
-        self.similar = similar
-        # One thread embeds and searches, one query at a time: a query is one photo, and the search
-        # itself spreads over the thread's torch threads.
-        self.similar_pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="similar", initializer=similar_init)
-            if similar is not None
-            else None
-        )
-        self.similar_pending = 0
-        self.metrics.similar_index_size.set(similar.size if similar is not None else 0)
-        self.ready = False
-        self._show_model()
-
-    def swap(self, model: PhotoClassifier, ref: ModelRef | None = None) -> None:
-        """Serve `model` from the next request on; requests already running finish on the old one."""
-        old, self.model = self.model, model
-        if ref is not None:
-            self.source = ref.requested
-        self.metrics.swaps.inc()
-        self._show_model()
-        log.info("now serving version %s (was %s)", model.version, old.version)
-
-    def _show_model(self) -> None:
-        m = self.model
-        self.metrics.set_model(
-            model=self.settings.model_name,
-            version=m.version,
-            source=self.source,
-            device=str(m.device),
-            precision=m.precision,
-        )
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-# --- middleware (plain ASGI: they see every response, 404s and 413s included) ------------------------
-
-
-class RequestMetrics:
-    """Counts requests by route template and status, and times them."""
-
-    def __init__(self, app, metrics: ServingMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [500]
-
-        async def send_and_record(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe_request(route, status[0], time.perf_counter() - started)
-
-
-class BodyLimit:
-    """Refuses bodies over `max_bytes` with 413, declared (Content-Length) or streamed.
-
-    The body is read here and replayed to the app. An oversized body is still read to its end (up to
-    a cap) before answering, so the client reads the 413 instead of a reset connection.
-    """
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-        self.drain_cap = 8 * max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.drain_cap:  # not worth reading: refuse and close
-            response = self._too_large()
-            response.headers["connection"] = "close"
-            return await response(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                while more and size <= self.drain_cap:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    size += len(message.get("body", b""))
-                    more = message.get("more_body", False)
-                response = self._too_large()
-                if more:
-                    response.headers["connection"] = "close"
-                return await response(scope, receive, send)
-            chunks.append(message.get("body", b""))
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
-
-        await self.app(scope, replay, send)
-
-    def _too_large(self) -> JSONResponse:
-        limit = self.max_bytes / 2**20
-        return error(413, f"request body over the limit of {limit:g} MiB (--max-body-mb)")
-
-
-# --- the app ---------------------------------------------------------------------------------------
 
 
 def create_app(
@@ -275,48 +120,6 @@ def create_app(
         )
         return error(500, f"internal server error ({type(exc).__name__})")
 
-    def serving_model(name: str) -> PhotoClassifier:
-        if name != settings.model_name:
-            raise ApiError(404, f"model {name!r} not found; this server serves {settings.model_name!r}")
-        if not state.ready:
-            raise ApiError(503, "the server is not ready")
-        return state.model
-
-    async def in_thread(function: Callable, *args) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(state.decode_pool, function, *args)
-
-    def decoded(convert: Callable[[bytes], Any], blob: bytes, name: str) -> Any:
-        """`convert(blob)` (a model's decoder), with bad photos as the client errors they are."""
-        if not blob:
-            raise ApiError(400, f"{name} is empty")
-        try:
-            return convert(blob)
-        except ImageDecodeError as exc:
-            raise ApiError(DECODE_STATUS.get(exc.reason, 400), f"{name}: {exc}") from None
-
-    async def classify_images(model: PhotoClassifier, blobs: list[bytes], names: list[str]) -> list:
-        """Decode every photo on the pool (in parallel), then one batcher submission."""
-        tensors = await asyncio.gather(
-            *(
-                in_thread(decoded, model.preprocess, blob, name)
-                for blob, name in zip(blobs, names, strict=True)
-            )
-        )
-        return await run_batch(model, tensors)
-
-    async def run_batch(model: PhotoClassifier, tensors: list) -> list:
-        try:
-            return await state.batcher.submit(model, tensors)
-        except Overloaded as exc:
-            raise ApiError(503, str(exc)) from None
-        except NotRunning as exc:
-            raise ApiError(503, str(exc)) from None
-
-    def require_json(request: Request) -> None:
-        media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if not (media == "application/json" or media.endswith("+json")):
-            raise ApiError(415, f"Content-Type {media!r} not accepted here: send application/json")
-
     # --- health and metadata ---
 
     @app.get("/v2/health/live", tags=["v2"], summary="The process is up")
@@ -339,7 +142,7 @@ def create_app(
         summary="Model metadata: inputs, outputs, labels, preprocessing",
     )
     async def model_metadata(name: str) -> dict:
-        model = serving_model(name)
+        model = serving_model(state, name)
         spec = model.spec
         size = spec.image_size
         return {
@@ -376,8 +179,8 @@ def create_app(
 
     @app.get("/v2/models/{name}/ready", tags=["v2"], summary="Whether this model answers")
     async def model_ready(name: str) -> JSONResponse:
-        if name != settings.model_name:
-            raise ApiError(404, f"model {name!r} not found; this server serves {settings.model_name!r}")
+        if (missing := unknown_model(state, name)) is not None:
+            raise missing
         return JSONResponse({"name": name, "ready": state.ready}, status_code=200 if state.ready else 503)
 
     # --- Open Inference Protocol v2 inference ---
@@ -398,12 +201,12 @@ def create_app(
         openapi_extra=infer_body,
     )
     async def infer(name: str, request: Request) -> JSONResponse:
-        model = serving_model(name)
+        model = serving_model(state, name)
         header_length = request.headers.get(protocol.HEADER_LENGTH)
         if header_length is None:
             require_json(request)
         body = await request.body()
-        infer_request, raw = await in_thread(protocol.parse_infer_request, body, header_length)
+        infer_request, raw = await in_thread(state, protocol.parse_infer_request, body, header_length)
         protocol.requested_outputs(infer_request)  # unknown output names fail before any work
         if len(infer_request.inputs) != 1:
             raise ApiError(
@@ -412,19 +215,19 @@ def create_app(
             )
         item = infer_request.inputs[0]
         if item.datatype == "BYTES":
-            blobs = await in_thread(protocol.image_blobs, item, raw.get(0))
+            blobs = await in_thread(state, protocol.image_blobs, item, raw.get(0))
             predictions = await classify_images(
-                model, blobs, [f"input {item.name!r} element {i}" for i in range(len(blobs))]
+                state, model, blobs, [f"input {item.name!r} element {i}" for i in range(len(blobs))]
             )
         elif item.datatype == "FP32":
-            array = await in_thread(protocol.pixel_array, item, raw.get(0))
+            array = await in_thread(state, protocol.pixel_array, item, raw.get(0))
             try:
-                tensors = await in_thread(model.check_pixels, array)
+                tensors = await in_thread(state, model.check_pixels, array)
             except InputError as exc:
                 raise ApiError(400, f"input {item.name!r}: {exc}") from None
             if not tensors:
                 raise ApiError(400, f"input {item.name!r} holds no photo")
-            predictions = await run_batch(model, tensors)
+            predictions = await run_batch(state, model, tensors)
         else:
             raise ApiError(
                 400, f"input {item.name!r}: datatype {item.datatype!r} not accepted; use BYTES or FP32"
@@ -437,7 +240,7 @@ def create_app(
 
     @app.get("/v1/models/{name}", tags=["v1"], summary="Whether this model answers (KServe v1)")
     async def v1_model(name: str) -> dict:
-        serving_model(name)
+        serving_model(state, name)
         return {"name": name, "ready": state.ready}
 
     @app.post(
@@ -454,35 +257,13 @@ def create_app(
         },
     )
     async def v1_predict(name: str, request: Request) -> JSONResponse:
-        model = serving_model(name)
+        model = serving_model(state, name)
         require_json(request)
-        blobs = await in_thread(protocol.v1_images, await request.body())
-        predictions = await classify_images(model, blobs, [f"instance {i}" for i in range(len(blobs))])
+        blobs = await in_thread(state, protocol.v1_images, await request.body())
+        predictions = await classify_images(state, model, blobs, [f"instance {i}" for i in range(len(blobs))])
         return JSONResponse(protocol.v1_response(settings.model_name, predictions))
 
     # --- upload route for people and curl ---
-
-    async def read_uploads(request: Request) -> tuple[list[str], list[bytes]]:
-        """(names, encoded photos) of a multipart upload (any field name) or of a raw image/* body."""
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media == "multipart/form-data":
-            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
-            try:
-                uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-                names = [u.filename or f"file {i}" for i, u in enumerate(uploads)]
-                blobs = [await u.read() for u in uploads]
-            finally:
-                await form.close()
-            if not uploads:
-                raise ApiError(400, "no file in the upload: send the photos as multipart file fields")
-        elif media.startswith("image/") or media == "application/octet-stream":
-            names, blobs = ["body"], [await request.body()]
-        else:
-            raise ApiError(
-                415,
-                f"Content-Type {media or 'none'!r} not accepted here: upload multipart/form-data or image/*",
-            )
-        return names, blobs
 
     @app.post(
         "/predict",
@@ -511,9 +292,9 @@ def create_app(
         },
     )
     async def predict(request: Request) -> JSONResponse:
-        model = serving_model(settings.model_name)
+        model = serving_model(state, settings.model_name)
         names, blobs = await read_uploads(request)
-        predictions = await classify_images(model, blobs, names)
+        predictions = await classify_images(state, model, blobs, names)
         return JSONResponse(
             protocol.predict_response(settings.model_name, names, predictions, model.threshold)
         )
@@ -581,7 +362,7 @@ def create_app(
         names, blobs = await read_uploads(request)
         if len(blobs) != 1:
             raise ApiError(400, f"send exactly one photo to /similar, got {len(blobs)}")
-        image = await in_thread(decoded, finder.decode, blobs[0], names[0])
+        image = await in_thread(state, decoded, finder.decode, blobs[0], names[0])
         answer = await find_similar(finder, image, k)
         return JSONResponse(
             protocol.similar_response(

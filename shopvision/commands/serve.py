@@ -34,10 +34,11 @@ def _run(args: argparse.Namespace) -> None:
     from shopvision.components.images import DEFAULT_MAX_PIXELS
     from shopvision.components.model_source import MLFLOW_SCHEMES
     from shopvision.components.train_record import resolve_tracking_uri
-    from shopvision.serving.app import ServingState, create_app
+    from shopvision.serving.app import create_app
     from shopvision.serving.model import torch_threads
     from shopvision.serving.registry_watch import AliasWatcher, load_version, parse_registry_uri, resolve
     from shopvision.serving.settings import ServerSettings, auto_forward_workers
+    from shopvision.serving.state import ServingState
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
