@@ -32,10 +32,10 @@ from .images import (
     encode_jpeg,
     perceptual_hash,
     shrink_to_fit,
-    signature_distance,
     thumbnail_signature,
 )
 from .naming import IMAGE_SUFFIX, atomic_write_text, product_id, safe_stem
+from .near_duplicates import group_duplicates
 from .progress import Progress
 
 REPORT_NAME = "clean_report.json"
@@ -253,69 +253,6 @@ def _decode_all(candidates: list[_Candidate], size: int, max_pixels: int, stagin
     return results
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def _near_pairs(decoded: list[_Decoded], bits: int) -> list[tuple[int, int, int]]:
-    """Pairs within `bits` Hamming distance, found without comparing all pairs.
-
-    Pigeonhole: split the 64 bits into bits+1 bands; two hashes within `bits` share a band.
-    """
-    bands = bits + 1
-    widths = [64 // bands + (1 if i < 64 % bands else 0) for i in range(bands)]
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for position, item in enumerate(decoded):
-        shift = 0
-        for band, width in enumerate(widths):
-            buckets[(band, (item.phash >> shift) & ((1 << width) - 1))].append(position)
-            shift += width
-    pairs: set[tuple[int, int, int]] = set()
-    for members in buckets.values():
-        for i, a in enumerate(members):
-            for b in members[i + 1 :]:
-                distance = (decoded[a].phash ^ decoded[b].phash).bit_count()
-                if distance <= bits:
-                    pairs.add((a, b, distance))
-    return sorted(pairs)
-
-
-def _group_duplicates(
-    decoded: list[_Decoded], bits: int, grey: float
-) -> tuple[dict[int, list[int]], dict[tuple[int, int], str]]:
-    """Duplicate groups (candidate indices) and why each pair was linked."""
-    union = _UnionFind(len(decoded))
-    why: dict[tuple[int, int], str] = {}
-    by_sha: dict[str, int] = {}
-    for position, item in enumerate(decoded):
-        first = by_sha.setdefault(item.sha256, position)
-        if first != position:
-            union.union(first, position)
-            why[(first, position)] = "exact"
-    for a, b, distance in _near_pairs(decoded, bits):
-        if decoded[a].sha256 == decoded[b].sha256:
-            continue
-        if signature_distance(decoded[a].signature, decoded[b].signature) <= grey:
-            union.union(a, b)
-            why[(a, b)] = f"near (pHash distance {distance})"
-    groups: dict[int, list[int]] = defaultdict(list)
-    for position in range(len(decoded)):
-        groups[union.find(position)].append(position)
-    return {root: members for root, members in groups.items() if len(members) > 1}, why
-
-
 def _output_names(kept: list[tuple[_Candidate, _Decoded]]) -> dict[int, str]:
     """OUT-relative names: the raw stem made safe; a collision gets a short hash of its source."""
     by_name: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
@@ -403,7 +340,7 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
             )
         else:
             images.append(item)
-    groups, why = _group_duplicates(images, bits, NEAR_DUPLICATE_GREY)
+    groups, why = group_duplicates(images, bits, NEAR_DUPLICATE_GREY)
     dropped: dict[int, FileVerdict] = {}
     for members in groups.values():
         group = [candidates[images[m].index] for m in members]
