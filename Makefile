@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
-	$(BIN)/shopvision pipeline run --demo --data data/sample/raw --workdir $(DEMO_OUT)
+	$(BIN)/shopvision pipeline run --demo --data data/sample/raw --taxonomy data/sample/taxonomy.csv \
+		--workdir $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

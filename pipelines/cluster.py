@@ -60,15 +60,58 @@ def submit(
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 
 
+def taxonomy_argument(path: Path) -> str:
+    """The pipeline's `taxonomy_csv` parameter from a file, checked now rather than after training."""
+    from shopvision.components.evaluate import read_taxonomy
+
+    read_taxonomy(path)  # a clear StepError for a missing or malformed file
+    return Path(path).read_text(encoding="utf-8-sig")
+
+
+def pipeline_parameters() -> dict[str, str]:
+    """{name: KFP type} of training_pipeline's parameters (String, Integer, Float, Boolean, Dict, List)."""
+    from .training_pipeline import training_pipeline
+
+    return {name: spec.type for name, spec in training_pipeline.component_spec.inputs.items()}
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _typed(key: str, kind: str, value: str):
+    try:
+        if kind == "Integer":
+            return int(value)
+        if kind == "Float":
+            return float(value)
+        if kind == "Boolean" and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        if kind in ("Dict", "List"):
+            parsed = json.loads(value)
+            if isinstance(parsed, dict if kind == "Dict" else list):
+                return parsed
+        if kind == "String":
+            return value
+    except (ValueError, json.JSONDecodeError):
+        pass
+    examples = {
+        "Boolean": "true or false",
+        "Dict": 'a JSON object, e.g. {"pool": "gpu"}',
+        "List": "a JSON list",
+    }
+    raise StepError(f"pipeline argument {key}={value!r}: expected {examples.get(kind, kind.lower())}")
+
+
 def parse_arguments(pairs: list[str]) -> dict:
-    """KEY=VALUE pipeline arguments; VALUE is read as JSON when it parses (numbers, booleans, lists)."""
+    """KEY=VALUE pipeline arguments, each checked against the pipeline's parameters and typed by them
+    (so `model_name=2024` stays a string), with a clear error before anything runs."""
+    parameters = pipeline_parameters()
     arguments = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise StepError(f"pipeline argument {pair!r} is not KEY=VALUE")
-        try:
-            arguments[key] = json.loads(value)
-        except json.JSONDecodeError:
-            arguments[key] = value
+        if key not in parameters:
+            raise StepError(f"the pipeline has no parameter {key!r}; its parameters: {', '.join(parameters)}")
+        arguments[key] = _typed(key, parameters[key], value)
     return arguments

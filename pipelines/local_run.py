@@ -74,6 +74,8 @@ def champion_report(model_name: str, workdir: Path, seconds: float) -> dict:
         "model_name": model_name,
         "champion_version": str(version.version),
         "test_top1_accuracy": version.tags.get("test_top1_accuracy"),
+        "test_top5_accuracy": version.tags.get("test_top5_accuracy"),
+        "test_macro_category_accuracy": version.tags.get("test_macro_category_accuracy"),
         "source_run": version.run_id,
         "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
         "artifacts": str(workdir / "pipeline-root"),

@@ -69,3 +69,18 @@ def test_the_data_steps_chain_through_the_cli(sample_raw, tmp_path):
     assert done.returncode == 0, done.stderr
     assert not list((tmp_path / "a" / "train").rglob("*.grain.jpg"))
     assert list((tmp_path / "a" / "train").rglob("*.rot_cw.jpg"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--arg", "epochs=ten"], "expected integer"),
+        (["--arg", "bogus=1"], "no parameter 'bogus'"),
+        (["--taxonomy", "missing.csv"], "cannot read taxonomy"),
+    ],
+)
+def test_bad_pipeline_arguments_fail_before_anything_runs(sample_raw, tmp_path, extra, message):
+    work = tmp_path / "work"
+    done = run("pipeline", "run", "--data", str(sample_raw), "--workdir", str(work), *extra)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not work.exists()  # nothing started: no MLflow store, no pipeline root

@@ -168,19 +168,35 @@ def test_fetch_from_s3_keeps_the_layout(s3, sample_raw, tmp_path):
 
 
 def test_bad_locations_are_clear_errors(s3, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="empty-prefixes")
     with pytest.raises(StepError, match="no photos under"):
-        fingerprint_location("s3://photos/nothing-here")
+        fingerprint_location("s3://empty-prefixes/nothing-here")
     with pytest.raises(StepError, match="cannot list"):
         fingerprint_location("s3://no-such-bucket/x")
     with pytest.raises(StepError, match="neither an s3"):
         fingerprint_location(str(tmp_path / "missing"))
     with pytest.raises(StepError, match="KEY=VALUE"):
         parse_arguments(["epochs"])
-    assert parse_arguments(["epochs=3", "arch=resnet18", "deploy=false"]) == {
+    assert parse_arguments(
+        ["epochs=3", "arch=resnet18", "deploy=false", "model_name=2024", "lr=1", 'node_selector={"a": "b"}']
+    ) == {
         "epochs": 3,
         "arch": "resnet18",
         "deploy": False,
+        "model_name": "2024",
+        "lr": 1.0,
+        "node_selector": {"a": "b"},
     }
+    for bad, message in [
+        ("bogus=1", "no parameter 'bogus'"),
+        ("epochs=ten", "expected integer"),
+        ("deploy=maybe", "expected true or false"),
+        ("tolerations={}", "expected a JSON list"),
+    ]:
+        with pytest.raises(StepError, match=message):
+            parse_arguments([bad])
 
 
 def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkeypatch):

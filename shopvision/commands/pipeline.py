@@ -15,30 +15,44 @@ def _compile(args: argparse.Namespace) -> None:
     print(f"pipeline: wrote {compile_pipeline(args.output, args.image)}")
 
 
+def _arguments(args: argparse.Namespace, defaults: dict) -> dict:
+    """Pipeline parameters: defaults, then --taxonomy, then every --arg (the last word wins)."""
+    from shopvision.pipelines.cluster import parse_arguments, taxonomy_argument
+
+    arguments = dict(defaults)
+    if args.taxonomy:
+        arguments["taxonomy_csv"] = taxonomy_argument(args.taxonomy)
+    return {**arguments, **parse_arguments(args.arg)}
+
+
 def _run(args: argparse.Namespace) -> None:
-    from shopvision.pipelines.cluster import parse_arguments
     from shopvision.pipelines.local_run import DEMO_ARGUMENTS, run_locally
 
-    arguments = {
-        **(DEMO_ARGUMENTS if args.demo else {}),
-        "data_location": args.data,
-        **parse_arguments(args.arg),
-    }
-    report = run_locally(arguments, args.workdir)
+    defaults = {**(DEMO_ARGUMENTS if args.demo else {}), "data_location": args.data}
+    report = run_locally(_arguments(args, defaults), args.workdir)
+    scores = ", ".join(
+        f"{label} {report[key]}"
+        for key, label in (
+            ("test_top1_accuracy", "test top-1 accuracy"),
+            ("test_top5_accuracy", "top-5"),
+            ("test_macro_category_accuracy", "macro-category"),
+        )
+        if report.get(key) is not None
+    )
     print(
         f"pipeline: champion {report['model_name']} version {report['champion_version']} "
-        f"(test top-1 accuracy {report['test_top1_accuracy']}) after {report['seconds']} s\n"
+        f"({scores}) after {report['seconds']} s\n"
         f"  MLflow:    {report['tracking_uri']}\n  artifacts: {report['artifacts']}"
     )
     (Path(args.workdir) / "champion.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from shopvision.pipelines.cluster import parse_arguments, submit
+    from shopvision.pipelines.cluster import submit
 
     url = submit(
         args.host,
-        parse_arguments(args.arg),
+        _arguments(args, {}),
         experiment=args.experiment,
         run_name=args.run_name,
         namespace=args.namespace,
@@ -46,6 +60,17 @@ def _submit(args: argparse.Namespace) -> None:
         service_account=args.service_account,
     )
     print(f"pipeline: submitted {url}")
+
+
+def _parameter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter"
+    )
+    parser.add_argument(
+        "--taxonomy",
+        type=Path,
+        help="category,macro_category CSV: evaluation adds macro-category accuracy (parameter taxonomy_csv)",
+    )
 
 
 def add_parser(steps) -> None:
@@ -68,7 +93,7 @@ def add_parser(steps) -> None:
     )
     run.add_argument("--workdir", type=Path, default=Path("pipeline-output"), help="artifacts and mlflow.db")
     run.add_argument("--demo", action="store_true", help="the small, fast settings of `make demo`")
-    run.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter")
+    _parameter_options(run)
 
     submit = add_step(actions, "submit", "submit the compiled pipeline to a KFP backend", _submit)
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow")
@@ -81,6 +106,4 @@ def add_parser(steps) -> None:
         help="the run's ServiceAccount (manifests/base/rbac.yaml grants it what training needs)",
     )
     submit.add_argument("--package", type=Path, default=COMPILED)
-    submit.add_argument(
-        "--arg", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter"
-    )
+    _parameter_options(submit)
