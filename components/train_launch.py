@@ -9,6 +9,7 @@ watches it, copies model_best and run.json back into the task's output and delet
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def train_in_pipeline(
     if launcher == "local":
         if nodes != 1:
             raise StepError("launcher 'local' trains on this machine only: use nodes=1, or launcher trainjob")
+        _check_local_gpus(gpus_per_node)
         args = train_arguments(data, out, **hyper) + ["--nproc-per-node", str(max(gpus_per_node, 1))]
         done = subprocess.run([sys.executable, "-m", "shopvision.cli", "train", *args])
         if done.returncode != 0:
@@ -94,6 +96,19 @@ def train_in_pipeline(
             **hyper,
         )
     return json.loads((Path(out) / RUN_FILE).read_text())
+
+
+def _check_local_gpus(gpus_per_node: int) -> None:
+    """In a cluster pod, launcher `local` with GPUs asked for but none visible would train on the CPU for
+    days without a word: refuse. (On a workstation, CPU fallback is what kfp.local users want.)"""
+    import torch
+
+    if gpus_per_node > 0 and "KUBERNETES_SERVICE_HOST" in os.environ and not torch.cuda.is_available():
+        raise StepError(
+            f"launcher 'local' with gpus_per_node={gpus_per_node}, but this pod sees no GPU: set the pipeline "
+            f"parameter train_task_gpus={gpus_per_node} so the train task gets them, use launcher trainjob, "
+            "or gpus_per_node=0 to train on the CPU"
+        )
 
 
 def _train_on_cluster(

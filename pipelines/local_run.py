@@ -41,7 +41,7 @@ def run_locally(arguments: dict, workdir: Path) -> dict:
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
-    arguments = dict(arguments)
+    arguments = {"launcher": "local", **arguments}  # the pipeline's default, trainjob, needs a cluster
     location = arguments.get("data_location", "data/sample/raw")
     if not location.startswith("s3://"):
         if not Path(location).is_dir():

@@ -58,7 +58,8 @@ def training_pipeline(
     freeze_backbone: bool = False,
     nodes: int = 1,
     gpus_per_node: int = 1,
-    launcher: str = "local",
+    launcher: str = "trainjob",
+    train_task_gpus: int = 0,
     image: str = c.IMAGE,
     namespace: str = "shopvision",
     data_pvc: str = "",
@@ -123,10 +124,11 @@ def training_pipeline(
         ),
         secrets=True,
     )
-    # With launcher `local` torchrun runs inside this task, so the task holds the GPUs; with a TrainJob
-    # the job's pods hold them and this task only watches (the GPU request then idles one GPU, which
-    # `--gpus-on-train-task 0` at compile time avoids).
-    trained.set_accelerator_type(ACCELERATOR).set_accelerator_limit(1)
+    # With launcher trainjob/pytorchjob the job's pods hold the GPUs and this task only watches, so it
+    # asks for none (train_task_gpus=0); with launcher `local` on a cluster torchrun runs inside this
+    # task, which then needs train_task_gpus = gpus_per_node. A parameter, not a constant, so no GPU
+    # idles under a watcher (KFP resolves resource placeholders since backend 2.4).
+    trained.set_accelerator_type(ACCELERATOR).set_accelerator_limit(train_task_gpus)
     trained.set_cpu_limit("8").set_memory_limit("32G")
     kubernetes.add_node_selector_json(trained, node_selector_json=node_selector)
     kubernetes.add_toleration_json(trained, toleration_json=tolerations)

@@ -354,6 +354,17 @@ def test_bad_inputs_are_clear_errors(overrides, message):
             build(**inputs(**overrides))
 
 
+def test_local_launcher_in_a_pod_without_its_gpus_refuses_to_train_on_the_cpu(tmp_path, monkeypatch):
+    from shopvision.components.train_launch import train_in_pipeline
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what every pod sees; this machine has no GPU
+    common = {"data": str(tmp_path), "out": str(tmp_path / "out"), "nodes": 1, "launcher": "local"}
+    common |= {"image": "img", "namespace": "ns", "data_pvc": ""}
+    with pytest.raises(StepError, match="set the pipeline parameter train_task_gpus=2"):
+        train_in_pipeline(gpus_per_node=2, **common)
+    assert not (tmp_path / "out").exists()  # refused before torchrun started
+
+
 def expand(command: list[str], env: dict[str, str]) -> list[str]:
     """Kubernetes' $(VAR) expansion of a container command from the container's environment."""
     return [

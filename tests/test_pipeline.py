@@ -125,7 +125,10 @@ def test_train_requests_a_gpu_and_node_placement_is_a_parameter(compiled):
     executors = compiled[0]["deploymentSpec"]["executors"]
     resources = executors["exec-train-model"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == "1"
+    # The count is a parameter: a train task that only watches a TrainJob holds no GPU.
+    assert "train_task_gpus" in resources["accelerator"]["resourceCount"]
+    inputs = compiled[0]["root"]["inputDefinitions"]["parameters"]
+    assert inputs["train_task_gpus"]["defaultValue"] == 0 and inputs["launcher"]["defaultValue"] == "trainjob"
     train = compiled[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-model"]
     assert train["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
     assert train["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
