@@ -6,7 +6,7 @@ little about the code (it depends on the device, the cores feeding it and the ph
 depth is measured twice in the same run, on the same photos, batch size and loader workers:
 
 - **shopvision**: the real pieces of `shopvision train` — `PhotoFolder` + `train_transform` through
-  `loaders()`, the model from `_build()` (channels_last on GPU) and `train_one_epoch()` with its bf16
+  `loaders()`, the model from `build_training_model()` (channels_last on GPU) and `train_one_epoch()` with its bf16
   autocast on GPU — on one process;
 - **torchvision reference**: the loop of torchvision's `references/classification/train.py` with its
   defaults: `ImageFolder` with PIL decoding, RandomResizedCrop + flip, fp32, contiguous layout.
@@ -40,7 +40,7 @@ from torch import nn
 from shopvision.components import distributed
 from shopvision.components.clean import clean
 from shopvision.components.models import ModelSpec, eval_transform, train_transform
-from shopvision.components.train import TrainConfig, _autocast_factory, _build, train_one_epoch
+from shopvision.components.train import TrainConfig, autocast_factory, build_training_model, train_one_epoch
 from shopvision.components.train_data import loaders
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +80,12 @@ def shopvision_run(data: Path, depth: int, args, ctx) -> float:
         device=args.device,
     )
     spec = ModelSpec(cfg.arch, labels, image_size=cfg.image_size)
-    model, _ = _build(cfg, spec, ctx)
+    model, _ = build_training_model(cfg, spec, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     train_loader, _, _ = loaders(
         data, labels, train_transform(spec), eval_transform(spec), ctx, cfg.batch_size, cfg.workers, 0
     )
-    criterion, autocast = nn.CrossEntropyLoss(), _autocast_factory(cfg, ctx)
+    criterion, autocast = nn.CrossEntropyLoss(), autocast_factory(cfg, ctx)
     not_preempted = SimpleNamespace(requested=False)
     cfg.max_steps_per_epoch = args.warmup
     train_one_epoch(model, train_loader, optimizer, criterion, ctx, autocast, cfg, not_preempted)

@@ -151,14 +151,17 @@ def is_better(metrics: dict, best: dict | None) -> bool:
     )
 
 
-def _autocast_factory(cfg: TrainConfig, ctx):
+def autocast_factory(cfg: TrainConfig, ctx):
+    """A no-argument context factory: bf16 autocast on GPU (or when asked), a disabled one otherwise."""
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and ctx.device.type == "cuda")
     if use_bf16:
         return lambda: torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
     return lambda: torch.autocast(device_type=ctx.device.type, enabled=False)
 
 
-def _build(cfg: TrainConfig, spec: ModelSpec, ctx) -> tuple[nn.Module, list[str]]:
+def build_training_model(cfg: TrainConfig, spec: ModelSpec, ctx) -> tuple[nn.Module, list[str]]:
+    """The model on its device as training sees it (pretrained backbone, frozen parts, memory layout),
+    and notes for the run's log. Public so bench/train_throughput.py measures exactly this."""
     from .weights import fetch_pretrained
 
     model = build_model(spec)
@@ -192,7 +195,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     torch.manual_seed(cfg.seed + ctx.rank)
     labels = train_labels(data)
     spec = ModelSpec(cfg.arch, labels, image_size=cfg.image_size)
-    model, notes = _build(cfg, spec, ctx)
+    model, notes = build_training_model(cfg, spec, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
@@ -222,7 +225,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
         data, labels, train_transform(spec), eval_transform(spec), ctx, cfg.batch_size, cfg.workers, cfg.seed
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    autocast = _autocast_factory(cfg, ctx)
+    autocast = autocast_factory(cfg, ctx)
     preemption = _Preemption()
     recorder = RunRecorder(cfg, ctx, spec, resumed_run) if ctx.is_main else None
     if recorder:
