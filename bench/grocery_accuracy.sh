@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Accuracy on the full grocery-store set under the source's own lists, as README's "Accuracy" reports:
+# train_* photos train (90%) and select the epoch (10% val, split by product id); the source's val_*
+# photos, taken apart from the training photos, are held out as the test set. ~35 min on 2 CPU cores.
+#
+#   bench/grocery_accuracy.sh [WORKDIR]        (default: grocery-accuracy/, removed and rewritten)
+#
+# Everything it writes, MLflow store included, goes under WORKDIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.venv/bin/shopvision
+DATA=${GROCERY:-../shared/datasets/grocery-store}
+W=$(realpath -m "${1:-grocery-accuracy}")
+[ -d "$DATA/raw" ] || { echo "error: no $DATA/raw (set GROCERY=path to the grocery-store set)" >&2; exit 2; }
+rm -rf "$W" && mkdir -p "$W"
+$B clean "$DATA/raw" "$W/cleaned"
+for f in "$W"/cleaned/*/*.jpg; do
+  c=$(basename "$(dirname "$f")"); n=$(basename "$f")
+  case "$n" in train_*) d=trainpool ;; val_*) d=heldout ;; *) continue ;; esac
+  mkdir -p "$W/$d/$c" && ln "$f" "$W/$d/$c/$n"
+done
+$B split "$W/trainpool" "$W/split" --val 0.1 --test 0
+$B balance "$W/split" "$W/balanced"
+export MLFLOW_TRACKING_URI="sqlite:///$W/mlflow.db"
+$B train "$W/balanced" --out "$W/train-out" --arch efficientnet_lite0 --pretrained imagenet \
+  --epochs 8 --lr 0.02 --batch-size 32 --image-size 160 --workers 2 --experiment grocery-heldout
+$B evaluate --model "$W/train-out" --data "$W/heldout" --out "$W/eval" --taxonomy "$DATA/taxonomy.csv"
