@@ -4,6 +4,7 @@
 # photos, taken apart from the training photos, are held out as the test set. ~35 min on 2 CPU cores.
 #
 #   bench/grocery_accuracy.sh [WORKDIR]        (default: grocery-accuracy/, removed and rewritten)
+#   SIZE=224 EPOCHS=5 bench/grocery_accuracy.sh  (training image size, default 160; epochs, default 8)
 #
 # Everything it writes, MLflow store included, goes under WORKDIR.
 set -euo pipefail
@@ -23,5 +24,6 @@ $B split "$W/trainpool" "$W/split" --val 0.1 --test 0
 $B balance "$W/split" "$W/balanced"
 export MLFLOW_TRACKING_URI="sqlite:///$W/mlflow.db"
 $B train "$W/balanced" --out "$W/train-out" --arch efficientnet_lite0 --pretrained imagenet \
-  --epochs 8 --lr 0.02 --batch-size 32 --image-size 160 --workers 2 --experiment grocery-heldout
+  --epochs "${EPOCHS:-8}" --lr 0.02 --batch-size 32 --image-size "${SIZE:-160}" --workers 2 \
+  --experiment grocery-heldout
 $B evaluate --model "$W/train-out" --data "$W/heldout" --out "$W/eval" --taxonomy "$DATA/taxonomy.csv"
