@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -90,24 +91,25 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path, seconds: flo
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def server(registry):
-    """`shopvision serve` for models:/NAME@champion, watching the alias every second."""
+def shopvision_exe() -> str:
+    return shutil.which("shopvision", path=str(Path(sys.executable).parent))
+
+
+@contextmanager
+def serve_process(*args: str, log_path: Path):
+    """A `shopvision serve` process on a free port, logging to LOG_PATH; yields (url, process) at once
+    (callers wait with `wait_ready`, so several servers can start side by side) and stops it after."""
     port = free_port()
-    log_path = registry["folder"] / "serve.log"
-    exe = shutil.which("shopvision", path=str(Path(sys.executable).parent))
-    command = [
-        exe, "serve", "--model", f"models:/{NAME}@champion", "--port", str(port),
-        "--tracking-uri", registry["url"], "--watch-alias", "1", "--max-wait-ms", "25",
-        "--max-batch-size", "16", "--max-pixels", str(MAX_PIXELS), "--max-body-mb", str(MAX_BODY_MB),
-    ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(
+            [shopvision_exe(), "serve", "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
-        wait_ready(url, process, log_path)
-        yield {"url": url, "log": log_path, "process": process}
+        yield f"http://127.0.0.1:{port}", process
     finally:
         process.terminate()
         try:
@@ -115,6 +117,20 @@ def server(registry):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """`shopvision serve` for models:/NAME@champion, watching the alias every second."""
+    log_path = registry["folder"] / "serve.log"
+    args = [
+        "--model", f"models:/{NAME}@champion",
+        "--tracking-uri", registry["url"], "--watch-alias", "1", "--max-wait-ms", "25",
+        "--max-batch-size", "16", "--max-pixels", str(MAX_PIXELS), "--max-body-mb", str(MAX_BODY_MB),
+    ]  # fmt: skip
+    with serve_process(*args, log_path=log_path) as (url, process):
+        wait_ready(url, process, log_path)
+        yield {"url": url, "log": log_path, "process": process}
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
@@ -405,10 +421,16 @@ def test_every_bad_input_gets_a_4xx_with_a_message_and_the_server_stays_up(serve
 
 
 def test_a_model_that_cannot_be_served_is_one_clear_line_not_a_traceback(registry, tmp_path):
-    exe = shutil.which("shopvision", path=str(Path(sys.executable).parent))
-
     def serve(*args: str) -> subprocess.CompletedProcess:
-        command = [exe, "serve", "--port", str(free_port()), "--tracking-uri", registry["url"], *args]
+        command = [
+            shopvision_exe(),
+            "serve",
+            "--port",
+            str(free_port()),
+            "--tracking-uri",
+            registry["url"],
+            *args,
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
     done = serve("--model", f"models:/{NAME}@no-such-alias")

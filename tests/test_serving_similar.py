@@ -13,8 +13,7 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 import requests
 import torch
 from mlflow_server import free_port
-from test_serving import metric, png_bytes, wait_ready
+from test_serving import metric, png_bytes, serve_process, shopvision_exe, wait_ready
 
 from shopvision.components.features import extract_features
 from shopvision.components.models import ModelSpec, build_model, save_classifier
@@ -40,29 +39,6 @@ def tiny_model(directory: Path, labels: list[str], seed: int) -> Path:
     torch.manual_seed(seed)
     save_classifier(directory, build_model(spec).eval(), spec)
     return directory
-
-
-def shopvision_exe() -> str:
-    return shutil.which("shopvision", path=str(Path(sys.executable).parent))
-
-
-@contextmanager
-def serving(*args: str, log_path: Path):
-    """A `shopvision serve` process on a free port; yields (url, process) once /v2/health/ready answers."""
-    port = free_port()
-    command = [shopvision_exe(), "serve", "--port", str(port), "--device", "cpu", *args]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +71,12 @@ def catalogue(tmp_path_factory) -> dict:
 def servers(catalogue) -> dict:
     """Two servers started together: `with_index` (--similar-index) and `without_index`."""
     folder = catalogue["folder"]
-    common = ["--model", str(catalogue["served_model"]), "--max-pixels", str(MAX_PIXELS)]
+    common = ["--device", "cpu", "--model", str(catalogue["served_model"]), "--max-pixels", str(MAX_PIXELS)]
     logs = {"with_index": folder / "serve-index.log", "without_index": folder / "serve-plain.log"}
     with ExitStack() as stack:
         started = {
             "with_index": stack.enter_context(
-                serving(
+                serve_process(
                     *common,
                     "--similar-index",
                     str(catalogue["index"]),
@@ -109,7 +85,7 @@ def servers(catalogue) -> dict:
                     log_path=logs["with_index"],
                 )
             ),
-            "without_index": stack.enter_context(serving(*common, log_path=logs["without_index"])),
+            "without_index": stack.enter_context(serve_process(*common, log_path=logs["without_index"])),
         }
         for name, (url, process) in started.items():
             wait_ready(url, process, logs[name])
