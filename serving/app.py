@@ -62,6 +62,22 @@ SIMILAR_MAX_K = 1000  # neighbours in one /similar answer
 SIMILAR_MAX_PENDING = 64  # /similar queries waiting for or in the search thread; more: 503
 
 
+def _upload_body(*, many: bool) -> dict:
+    """OpenAPI request body of the upload routes: multipart file field(s), or one raw image/* body.
+    (They parse their bodies themselves, so FastAPI cannot infer it.)"""
+    photo = {"type": "string", "format": "binary"}
+    field = {"type": "array", "items": photo} if many else photo
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": {"file": field}}},
+                "image/*": {"schema": photo},
+            },
+        }
+    }
+
+
 def create_app(
     state: ServingState,
     background: Sequence[Callable[[ServingState], Coroutine[Any, Any, None]]] = (),
@@ -274,22 +290,7 @@ def create_app(
         "under the threshold chosen at evaluation.",
         response_model=protocol.PredictResponse,
         responses={s: {"model": protocol.ErrorBody} for s in (400, 413, 415, 503)},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                            },
-                        }
-                    },
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
+        openapi_extra=_upload_body(many=True),
     )
     async def predict(request: Request) -> JSONResponse:
         model = serving_model(state, settings.model_name)
@@ -330,20 +331,7 @@ def create_app(
         "k larger than the index returns the whole index, ranked. 404 when the server has no index.",
         response_model=protocol.SimilarResponse,
         responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                        }
-                    },
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
+        openapi_extra=_upload_body(many=False),
     )
     async def similar(
         request: Request,
