@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,27 +47,35 @@ def decode_image(
 
     `fit` lets JPEG decoding use DCT scaling (draft mode) when the result will be shrunk to fit
     a fit×fit box anyway: that is most of the speed of the clean step.
+
+    `max_pixels` applies to this call only: the size is read from the header (a lazy open) and
+    compared before anything is decoded. Pillow's process-wide `Image.MAX_IMAGE_PIXELS` and the
+    warning filters are never touched, so decodes with different limits can run in parallel threads
+    (the server's decoding pool next to a clean step in the same process) without seeing each
+    other's limit. Pillow still applies its own default limit at open; a photo over it is refused
+    here as `too_many_pixels` as well.
     """
     stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
-    with warnings.catch_warnings():
-        # Pillow only warns between max_pixels and 2×max_pixels; treat the warning as the error.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        previous_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            return _decode(stream, fit)
-        except ImageDecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageDecodeError("too_many_pixels", str(exc)) from None
-        except UnidentifiedImageError:
-            if _has_image_signature(stream):
-                raise ImageDecodeError("corrupt_image", "starts like an image but cannot be parsed") from None
-            raise ImageDecodeError("not_an_image", "content is not a recognised image format") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
-            raise ImageDecodeError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous_limit
+    try:
+        return _decode(stream, fit, max_pixels)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Only over Pillow's own limit (or with warnings turned into errors): refused either way.
+        raise ImageDecodeError(
+            "too_many_pixels", f"over Pillow's decompression-bomb limit of {_pillow_limit()}"
+        ) from None
+    except UnidentifiedImageError:
+        if _has_image_signature(stream):
+            raise ImageDecodeError("corrupt_image", "starts like an image but cannot be parsed") from None
+        raise ImageDecodeError("not_an_image", "content is not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise ImageDecodeError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def _pillow_limit() -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    return "none" if limit is None else f"{limit} pixels"
 
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -80,15 +87,13 @@ def _has_image_signature(stream: io.BufferedIOBase) -> bool:
     return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def _decode(stream: io.BufferedIOBase, fit: int | None) -> DecodedImage:
-    image = Image.open(stream)
+def _decode(stream: io.BufferedIOBase, fit: int | None, max_pixels: int) -> DecodedImage:
+    image = Image.open(stream)  # lazy: reads the header only
     source_format = image.format or "unknown"
     source_size = image.size
-    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-        # Some plugins only check on load; refuse before allocating anything.
-        raise ImageDecodeError(
-            "too_many_pixels", f"{image.width}x{image.height} exceeds {Image.MAX_IMAGE_PIXELS} pixels"
-        )
+    if image.width * image.height > max_pixels:
+        # Refuse before load() allocates anything (some plugins would only check then).
+        raise ImageDecodeError("too_many_pixels", f"{image.width}x{image.height} exceeds {max_pixels} pixels")
     if fit and source_format == "JPEG":
         image.draft("RGB", (fit, fit))
     image.load()  # full decode: truncated and corrupt files fail here, not later
