@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .balance import source_of_copy
-from .dataset import category_photos, link_split, prepare_output
+from .dataset import carry_split_manifest, category_photos, link_split, prepare_output
 from .errors import StepError
 from .images import ImageDecodeError, decode_image, encode_jpeg
 from .naming import atomic_write_bytes, atomic_write_text, link_or_copy
@@ -171,6 +171,7 @@ def augment(
         link_or_copy(source, target)
     for split_name in ("val", "test"):
         link_split(balanced_dir, out, split_name)
+    carry_split_manifest(Path(balanced_dir), out)
     atomic_write_text(out / MANIFEST, result.to_json())
     return result
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import category_photos, link_split, prepare_output
+from .dataset import carry_split_manifest, category_photos, link_split, prepare_output
 from .errors import StepError
 from .naming import atomic_write_text, link_or_copy
 
@@ -84,6 +84,7 @@ def balance(split_dir: Path, out: Path, *, percentile: float = 98.0) -> BalanceR
         }
     for split_name in ("val", "test"):
         link_split(split_dir, out, split_name)
+    carry_split_manifest(Path(split_dir), out)
     atomic_write_text(out / MANIFEST, result.to_json())
     return result
 

@@ -34,7 +34,7 @@ from .images import (
     shrink_to_fit,
     thumbnail_signature,
 )
-from .naming import IMAGE_SUFFIX, atomic_write_text, product_id, safe_stem
+from .naming import IMAGE_SUFFIX, atomic_write_text, safe_stem, source_product_id
 from .near_duplicates import group_duplicates
 from .progress import Progress
 
@@ -382,7 +382,7 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
             candidate.category,
             "kept",
             output=names[candidate.index],
-            product_id=product_id(Path(candidate.source).name),
+            product_id=source_product_id(candidate.source),
         )
         verdict.sha256 = item.sha256
         verdict.phash = f"{item.phash:016x}"

@@ -45,6 +45,15 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+SPLIT_MANIFEST = "split.json"  # written by split; carried by balance and augment for train and promote
+
+
+def carry_split_manifest(source_root: Path, out: Path) -> None:
+    """Bring split's per-photo record (groups, content hashes) along into a later step's output."""
+    if (source_root / SPLIT_MANIFEST).is_file():
+        link_or_copy(source_root / SPLIT_MANIFEST, out / SPLIT_MANIFEST)
+
+
 def link_split(source_root: Path, out: Path, split: str) -> int:
     """Carry a split a step does not change into its output by hard links; returns the photo count."""
     count = 0

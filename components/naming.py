@@ -22,6 +22,19 @@ def product_id(file_name: str) -> str:
     return match.group("product") if match else stem
 
 
+def source_product_id(source: str) -> str:
+    """The listing of a raw photo from its path relative to RAW (`<category>/.../<file>`).
+
+    A folder below the category is a listing (`RAW/<category>/<listing>/<n>.jpg`: every photo in it is
+    one product, whatever the files are called); a photo directly in its category folder is named
+    `<product_id>[_<n>]`. clean records this id per photo, and split groups by it.
+    """
+    parts = Path(source).parts
+    if len(parts) > 2:
+        return parts[1]
+    return product_id(parts[-1])
+
+
 def safe_stem(stem: str) -> str:
     """A file-system and URL safe stem that keeps letters, digits, '_' and '-' as they were."""
     cleaned = _UNSAFE.sub("-", stem).strip("-")

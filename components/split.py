@@ -1,19 +1,36 @@
-"""The split step: stratified train / val / test by product, on cleaned photos, before any copying.
+"""The split step: train / val / test by look-alike group, on cleaned photos, before any copying.
 
-Photos of one listing (same product id) always land in the same split, and exact or near
-duplicates were already removed by clean, so no photo or a copy of it is both trained and tested on
-(the mistake of the source article, which tested on its own training images).
+A number is only worth the photos behind it, so split keeps together every photo that would let a
+model recognise a test photo instead of classifying it:
 
-Assignment is by a seeded hash of (category, product id), not a shuffled list, so adding photos to
-the catalogue does not move the photos that were already assigned.
+- photos of one product (the id clean recorded from the raw path: `<product_id>[_<n>].jpg`, or the
+  listing folder of `RAW/<category>/<listing>/<n>.jpg`);
+- photos that look alike beyond clean's duplicate radius: the same shelf shot again, the same item
+  re-photographed under another id. Photos are embedded with the ImageNet EfficientNet-Lite0 that
+  ships offline (`lookalike.py`) and linked when their cosine similarity reaches `similarity`; the
+  linked photos of a category form one group (single linkage, strongest links first). A link that
+  would make a group hold more than `max_group_share` of its category is refused and counted: past
+  that size a "session" is the category itself and splitting it would leave nothing to test.
+
+A group's split depends only on its key (the group member whose seeded hash ranks first) and the seed,
+never on the other groups, so adding photos, products or categories does not move the photos that
+were already assigned. Two exceptions, both stated in the summary: a group a new photo joins follows
+its first-ranked product (look-alikes must stay together, so a grown group can move), and a category
+none of whose groups hashed to train has its first-ranked group sent to train (a model cannot learn
+a category it never sees). Photos of the frozen evaluation set (content hashes from the registry) and
+their whole groups always go to test, whatever the hash says.
+
+Every photo's content hash (the raw file's SHA-256 from clean's report) and group are written to
+`split.json`; `read_split_photos` gives them to the steps that check overlaps (train, promote).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .dataset import SPLITS, category_photos, prepare_output
@@ -21,93 +38,405 @@ from .errors import StepError
 from .naming import atomic_write_text, link_or_copy, product_id
 
 MANIFEST = "split.json"
+CLEAN_REPORT = "clean_report.json"
+DEFAULT_SIMILARITY = 0.82
+DEFAULT_MAX_GROUP_SHARE = 0.5
+LOOKALIKE_MODES = ("embedding", "none")
+
+
+@dataclass
+class SplitPhoto:
+    file: str  # "<category>/<name>", relative to the split folder of `split`
+    category: str
+    product_id: str
+    sha256: str  # content hash: the raw photo's SHA-256 (clean report), else this file's
+    group: str = ""
+    split: str = ""
+
+    def path(self, root: Path) -> Path:
+        """Where the photo lies under a split root written by `split` (or carried by balance/augment)."""
+        return Path(root) / self.split / self.file
 
 
 @dataclass
 class SplitResult:
     seed: int
     fractions: dict[str, float]
+    lookalike: dict
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # category -> split -> photos
-    assignments: dict[str, str] = field(default_factory=dict)  # "<category>/<file>" -> split
+    photos: list[SplitPhoto] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    frozen: dict = field(default_factory=dict)
+
+    @property
+    def assignments(self) -> dict[str, str]:
+        return {p.file: p.split for p in self.photos}
+
+    def group_sizes(self) -> dict[str, int]:
+        return dict(Counter(p.group for p in self.photos))
+
+    def groups_summary(self) -> dict:
+        sizes = self.group_sizes()
+        histogram = Counter(sizes.values())
+        largest = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        return {
+            "groups": len(sizes),
+            "photos_in_shared_groups": sum(n for n in sizes.values() if n > 1),
+            "size_histogram": {str(k): v for k, v in sorted(histogram.items())},
+            "largest": [{"group": g, "photos": n} for g, n in largest],
+        }
 
     def to_json(self) -> str:
-        return (
-            json.dumps(
-                {
-                    "step": "split",
-                    "seed": self.seed,
-                    "fractions": self.fractions,
-                    "counts": self.counts,
-                    "warnings": self.warnings,
-                    "assignments": self.assignments,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        body = {
+            "step": "split",
+            "seed": self.seed,
+            "fractions": self.fractions,
+            "lookalike": self.lookalike,
+            "counts": self.counts,
+            "groups": self.groups_summary(),
+            "frozen": self.frozen,
+            "warnings": self.warnings,
+            "assignments": self.assignments,
+            "photos": [asdict(p) for p in self.photos],
+        }
+        return json.dumps(body, indent=1) + "\n"
 
 
-def _rank(seed: int, category: str, product: str) -> str:
+# ------------------------------------------------------------------------------------ reading
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _clean_records(clean_dir: Path) -> dict[str, dict]:
+    """{"<category>/<name>": report entry} of the photos clean kept; empty without a report."""
+    report = clean_dir / CLEAN_REPORT
+    if not report.is_file():
+        return {}
+    try:
+        files = json.loads(report.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StepError(f"cannot read {report}: {exc}") from None
+    return {f["output"]: f for f in files if f.get("status") == "kept" and f.get("output")}
+
+
+def cleaned_photos(clean_dir: Path) -> list[SplitPhoto]:
+    """Every photo of a cleaned folder with its category, product id and content hash.
+
+    Product ids and hashes come from clean's report (so a listing folder keeps its id after clean
+    flattened it); photos the report does not name (a user's own folder) are read from their names.
+    """
+    records = _clean_records(clean_dir)
+    photos = []
+    for category, files in category_photos(clean_dir).items():
+        for path in files:
+            file = f"{category}/{path.name}"
+            record = records.get(file)
+            if record and record.get("sha256"):
+                photos.append(
+                    SplitPhoto(
+                        file, category, record.get("product_id") or product_id(path.name), record["sha256"]
+                    )
+                )
+            else:
+                photos.append(SplitPhoto(file, category, product_id(path.name), file_sha256(path)))
+    return photos
+
+
+def read_split_photos(root: Path, splits: Iterable[str] = SPLITS) -> list[SplitPhoto]:
+    """The photos of the given splits under ROOT, with content hashes and groups.
+
+    ROOT is a folder written by split (or balance/augment, which carry its `split.json`): the
+    manifest names every original photo. Without a manifest, ROOT/<split>/<category>/ files are
+    hashed as they are (and a ROOT that is itself a `<category>/` folder counts as the test split);
+    balance and augment copies are not originals and are skipped.
+    """
+    root = Path(root)
+    wanted = set(splits)
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            body = json.loads(manifest.read_text())
+            entries = body["photos"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StepError(f"{manifest} is not a split manifest with photos: {exc}") from None
+        return [SplitPhoto(**entry) for entry in entries if entry["split"] in wanted]
+    subfolders = (
+        {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        if root.is_dir()
+        else set()
+    )
+    if not subfolders:
+        raise StepError(f"{root} holds no photos (expected {root}/<split>/<category>/<photo>)")
+    layout = {s: root / s for s in SPLITS if s in subfolders} if subfolders <= set(SPLITS) else {"test": root}
+    photos = []
+    for split_name, folder in layout.items():
+        if split_name not in wanted:
+            continue
+        for category, files in category_photos(folder).items():
+            for path in files:
+                if ".copy" in path.name or path.name.count(".") > 1:  # balance/augment derivatives
+                    continue
+                photos.append(
+                    SplitPhoto(
+                        f"{category}/{path.name}",
+                        category,
+                        product_id(path.name),
+                        file_sha256(path),
+                        "",
+                        split_name,
+                    )
+                )
+    return photos
+
+
+HASH_PREFIX = 16  # hex characters of a content hash kept in a run's training photo list (64 bits)
+
+
+def write_hash_prefixes(root: Path, splits: Iterable[str], target: Path) -> int:
+    """Write the sorted unique hash prefixes of ROOT's photos in SPLITS as gzip text; returns the count.
+
+    64 bits per photo: a million photos make an 8 MB list, and two different photos share a prefix
+    with odds of about one in 2^40 at that size.
+    """
+    import gzip
+
+    prefixes = sorted({p.sha256[:HASH_PREFIX] for p in read_split_photos(root, splits)})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(target, "wt", encoding="ascii") as handle:
+        handle.writelines(f"{prefix}\n" for prefix in prefixes)
+    return len(prefixes)
+
+
+def read_frozen_hashes(path: Path | None) -> set[str]:
+    """Content hashes of a frozen evaluation set file (`{"photos": {sha256: category}}`), or none."""
+    if path is None:
+        return set()
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return set()
+    try:
+        body = json.loads(path.read_text())
+        return {str(h) for h in body.get("photos", {})}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StepError(f"cannot read the frozen evaluation set {path}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ grouping
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+        self.size = [1] * n
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+            self.size[min(ra, rb)] += self.size[max(ra, rb)]
+
+
+def rank(seed: int, category: str, product: str) -> str:
     return hashlib.sha256(f"{seed}\0{category}\0{product}".encode()).hexdigest()
 
 
-def assign_category(category: str, files: list[Path], val: float, test: float, seed: int):
-    """Split one category's photos by product; returns ({split: [files]}, warning or None)."""
-    by_product: dict[str, list[Path]] = defaultdict(list)
-    for path in files:
-        by_product[product_id(path.name)].append(path)
-    products = sorted(by_product, key=lambda p: _rank(seed, category, p))
-    wanted_splits = 1 + (val > 0) + (test > 0)
-    chosen: dict[str, list[Path]] = {split: [] for split in SPLITS}
-    if len(products) < wanted_splits:
-        chosen["train"] = sorted(files)
-        return chosen, (
-            f"category {category!r} has {len(files)} photo(s) of {len(products)} product(s): it needs at least "
-            f"{wanted_splits} products to appear in every split, so all its photos go to train"
-        )
-    total = len(files)
-    targets = {
-        "test": max(1, round(total * test)) if test > 0 else 0,
-        "val": max(1, round(total * val)) if val > 0 else 0,
-    }
-    remaining = list(products)
-    # Each split still to fill keeps at least one product in reserve (train last).
-    for split, reserve in (("test", 1 + (targets["val"] > 0)), ("val", 1)):
-        while len(chosen[split]) < targets[split] and len(remaining) > reserve:
-            chosen[split].extend(by_product[remaining.pop(0)])
-    for product in remaining:
-        chosen["train"].extend(by_product[product])
-    return {split: sorted(paths) for split, paths in chosen.items()}, None
+def split_of(key_rank: str, val: float, test: float) -> str:
+    """The split of a group from its key's hash alone: a point in [0, 1) against the fractions."""
+    point = int(key_rank[:15], 16) / 16**15
+    if point < test:
+        return "test"
+    if point < test + val:
+        return "val"
+    return "train"
 
 
-def split(clean_dir: Path, out: Path, *, val: float = 0.1, test: float = 0.1, seed: int = 0) -> SplitResult:
+def group_photos(
+    photos: list[SplitPhoto],
+    links: Iterable[tuple[float, int, int]],
+    *,
+    seed: int,
+    max_group_share: float,
+) -> tuple[dict[int, str], dict[str, int]]:
+    """Each photo's group key ("<category>/<product>" of its first-ranked product) and refused links per category.
+
+    Photos of one (category, product) are one group; `links` (similarity, i, j) join groups,
+    strongest first, unless the joined group would hold more than `max_group_share` of the category.
+    """
+    union = _UnionFind(len(photos))
+    first_of: dict[tuple[str, str], int] = {}
+    for i, photo in enumerate(photos):
+        j = first_of.setdefault((photo.category, photo.product_id), i)
+        if j != i:
+            union.union(i, j)
+    per_category = Counter(p.category for p in photos)
+    refused: Counter[str] = Counter()
+    for _, i, j in sorted(links, key=lambda link: -link[0]):
+        category = photos[i].category
+        if photos[j].category != category:
+            continue  # across categories a look-alike is a label conflict, which clean already drops
+        ri, rj = union.find(i), union.find(j)
+        if ri == rj:
+            continue
+        cap = max(2, int(max_group_share * per_category[category]))
+        if union.size[ri] + union.size[rj] > cap:
+            refused[category] += 1
+            continue
+        union.union(ri, rj)
+    best: dict[int, tuple[str, str]] = {}
+    for i, photo in enumerate(photos):
+        root = union.find(i)
+        candidate = (rank(seed, photo.category, photo.product_id), photo.product_id)
+        if root not in best or candidate < best[root]:
+            best[root] = candidate
+    return {i: f"{photo.category}/{best[union.find(i)][1]}" for i, photo in enumerate(photos)}, dict(refused)
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+def split(
+    clean_dir: Path,
+    out: Path,
+    *,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    lookalike: str = "embedding",
+    similarity: float = DEFAULT_SIMILARITY,
+    max_group_share: float = DEFAULT_MAX_GROUP_SHARE,
+    frozen: Path | Collection[str] | None = None,
+    progress=None,
+) -> SplitResult:
     clean_dir, out = Path(clean_dir), Path(out)
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise StepError(
             f"--val and --test must be fractions in [0, 1) that sum below 1, got {val} and {test}"
         )
-    photos = category_photos(clean_dir)
-    photos = {category: files for category, files in photos.items() if files}
+    if lookalike not in LOOKALIKE_MODES:
+        raise StepError(f"--lookalike must be one of {', '.join(LOOKALIKE_MODES)}, got {lookalike!r}")
+    if not 0 < similarity <= 1:
+        raise StepError(f"--similarity must be in (0, 1], got {similarity}")
+    if not 0 < max_group_share <= 1:
+        raise StepError(f"--max-group-share must be in (0, 1], got {max_group_share}")
+    frozen_hashes = (
+        set(frozen)
+        if isinstance(frozen, Collection) and not isinstance(frozen, str | Path)
+        else read_frozen_hashes(frozen)
+    )
+    photos = cleaned_photos(clean_dir)
     if not photos:
         raise StepError(f"no photos found in {clean_dir}: expected {clean_dir}/<category>/<photo>.jpg")
     prepare_output(out, MANIFEST, "split")
-    result = SplitResult(seed, {"train": round(1 - val - test, 6), "val": val, "test": test})
-    for category, files in photos.items():
-        chosen, warning = assign_category(category, files, val, test, seed)
-        if warning:
-            result.warnings.append(warning)
-        result.counts[category] = {s: len(chosen[s]) for s in SPLITS}
-        for split_name, paths in chosen.items():
-            for path in paths:
-                link_or_copy(path, out / split_name / category / path.name)
-                result.assignments[f"{category}/{path.name}"] = split_name
+    links: list[tuple[float, int, int]] = []
+    if lookalike == "embedding":
+        from .lookalike import lookalike_links
+
+        links = lookalike_links(
+            [clean_dir / p.file for p in photos], [p.category for p in photos], similarity, progress=progress
+        )
+    groups, refused = group_photos(photos, links, seed=seed, max_group_share=max_group_share)
+    result = SplitResult(
+        seed,
+        {"train": round(1 - val - test, 6), "val": val, "test": test},
+        {
+            "mode": lookalike,
+            "similarity": similarity,
+            "max_group_share": max_group_share,
+            "links": len(links),
+            "refused_links": sum(refused.values()),
+        },
+    )
+    _assign(photos, groups, result, val=val, test=test, seed=seed, frozen=frozen_hashes)
+    for category, count in sorted(refused.items()):
+        result.warnings.append(
+            f"category {category!r}: {count} look-alike link(s) refused because the group would hold more "
+            f"than {max_group_share:.0%} of the category; its look-alikes may straddle splits"
+        )
+    for photo in result.photos:
+        link_or_copy(clean_dir / photo.file, photo.path(out))
     atomic_write_text(out / MANIFEST, result.to_json())
     return result
 
 
+def _assign(
+    photos, groups, result: SplitResult, *, val: float, test: float, seed: int, frozen: set[str]
+) -> None:
+    members: dict[str, list[int]] = defaultdict(list)
+    for i in range(len(photos)):
+        members[groups[i]].append(i)
+    wanted_splits = 1 + (val > 0) + (test > 0)
+    by_category: dict[str, list[str]] = defaultdict(list)
+    for key in members:
+        by_category[key.split("/", 1)[0]].append(key)
+    frozen_found = 0
+    for category, keys in sorted(by_category.items()):
+        chosen: dict[str, str] = {}
+        for key in keys:
+            if any(photos[i].sha256 in frozen for i in members[key]):
+                chosen[key] = "test"
+            elif len(keys) < wanted_splits:
+                chosen[key] = "train"
+            else:
+                chosen[key] = split_of(rank(seed, category, key.split("/", 1)[1]), val, test)
+        if len(keys) < wanted_splits:
+            result.warnings.append(
+                f"category {category!r} has {sum(len(members[k]) for k in keys)} photo(s) in {len(keys)} "
+                f"look-alike group(s): it needs at least {wanted_splits} groups to appear in every split, "
+                "so its photos go to train"
+            )
+        if "train" not in chosen.values():
+            # A model cannot learn a category it never sees: the first-ranked group that is not frozen trains.
+            spare = sorted(
+                (k for k in keys if not _is_frozen(k, members, photos, frozen)),
+                key=lambda k: rank(seed, category, k.split("/", 1)[1]),
+            )
+            if spare:
+                chosen[spare[0]] = "train"
+                result.warnings.append(f"category {category!r}: no group hashed to train; {spare[0]} trains")
+        counts = dict.fromkeys(SPLITS, 0)
+        for key in keys:
+            for i in members[key]:
+                photo = photos[i]
+                photo.group, photo.split = key, chosen[key]
+                counts[chosen[key]] += 1
+                frozen_found += photo.sha256 in frozen
+        result.counts[category] = counts
+    result.photos = sorted(photos, key=lambda p: p.file)
+    if frozen:
+        result.frozen = {"photos": len(frozen), "found": frozen_found, "missing": len(frozen) - frozen_found}
+        if frozen_found < len(frozen):
+            result.warnings.append(
+                f"{len(frozen) - frozen_found} photo(s) of the frozen evaluation set are not in this data"
+            )
+
+
+def _is_frozen(key, members, photos, frozen) -> bool:
+    return any(photos[i].sha256 in frozen for i in members[key])
+
+
 def summary(result: SplitResult) -> str:
     totals = {s: sum(c[s] for c in result.counts.values()) for s in SPLITS}
-    lines = [f"split: {len(result.counts)} categories; " + ", ".join(f"{s} {n}" for s, n in totals.items())]
+    groups = result.groups_summary()
+    lines = [
+        f"split: {len(result.counts)} categories; "
+        + ", ".join(f"{s} {n}" for s, n in totals.items())
+        + f"; {groups['groups']} look-alike groups ({groups['photos_in_shared_groups']} photos share one)"
+    ]
+    if result.frozen:
+        lines.append(
+            f"  frozen evaluation set: {result.frozen['found']} of {result.frozen['photos']} photos kept in test"
+        )
     lines += [f"  warning: {w}" for w in result.warnings]
     return "\n".join(lines)

@@ -40,6 +40,10 @@ def configure_mlflow(tracking_uri: str | None, experiment: str, out: Path) -> st
     return uri
 
 
+TRAINING_PHOTOS_DIR = "data"
+TRAINING_PHOTOS_FILE = "training_photos.txt.gz"  # artifact data/training_photos.txt.gz of every run
+
+
 class RunRecorder:
     def __init__(self, cfg, ctx, spec, resumed_run_id: str | None) -> None:
         self.cfg, self.ctx, self.spec = cfg, ctx, spec
@@ -65,6 +69,7 @@ class RunRecorder:
             params.update(facts, num_classes=self.spec.num_classes, data_fingerprint=data_fingerprint(data))
             mlflow.log_params({k: "" if v is None else v for k, v in params.items()})
             mlflow.log_dict({"labels": self.spec.labels}, "labels.json")
+            self._log_training_photos(data)
         for note in notes:
             print(f"train: {note}", flush=True)
         self._write_run_file()
@@ -74,6 +79,17 @@ class RunRecorder:
             f"world size {self.ctx.world_size} on {self.ctx.device}",
             flush=True,
         )
+
+    def _log_training_photos(self, data: Path) -> None:
+        """The content hashes of every train and val photo, so the gate can prove a test set unseen."""
+        import mlflow
+
+        from .split import write_hash_prefixes
+
+        target = self.out / TRAINING_PHOTOS_FILE
+        count = write_hash_prefixes(Path(data), ("train", "val"), target)
+        mlflow.log_artifact(str(target), artifact_path=TRAINING_PHOTOS_DIR)
+        mlflow.set_tag("training_photos", str(count))
 
     def epoch(self, epoch: int, metrics: dict, improved: bool) -> None:
         import mlflow

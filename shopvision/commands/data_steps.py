@@ -29,7 +29,18 @@ def _run_clean(args: argparse.Namespace) -> None:
 def _run_split(args: argparse.Namespace) -> None:
     from shopvision.components.split import split, summary
 
-    print(summary(split(args.clean_dir, args.out, val=args.val, test=args.test, seed=args.seed)))
+    result = split(
+        args.clean_dir,
+        args.out,
+        val=args.val,
+        test=args.test,
+        seed=args.seed,
+        lookalike=args.lookalike,
+        similarity=args.similarity,
+        max_group_share=args.max_group_share,
+        frozen=args.frozen,
+    )
+    print(summary(result))
 
 
 def _run_balance(args: argparse.Namespace) -> None:
@@ -79,13 +90,40 @@ def add_parser(steps) -> None:
     )
 
     split = add_step(
-        steps, "split", "stratified train/val/test split by product, before any copying", _run_split
+        steps,
+        "split",
+        "train/val/test by look-alike group (one product, or photos that look alike), before any copying",
+        _run_split,
     )
     split.add_argument("clean_dir", type=Path, help="output of 'shopvision clean'")
     split.add_argument("out", type=Path, help="output: OUT/{train,val,test}/<category>/ and OUT/split.json")
     split.add_argument("--val", type=float, default=0.1, help="validation fraction (default 0.1)")
     split.add_argument("--test", type=float, default=0.1, help="test fraction (default 0.1)")
     split.add_argument("--seed", type=int, default=0)
+    split.add_argument(
+        "--lookalike",
+        choices=["embedding", "none"],
+        default="embedding",
+        help="keep photos that look alike in one split: 'embedding' (ImageNet EfficientNet-Lite0 features, "
+        "offline) or 'none' (group by product id only); default embedding",
+    )
+    split.add_argument(
+        "--similarity",
+        type=float,
+        default=0.82,
+        help="cosine similarity at which two photos of a category are look-alikes (default 0.82)",
+    )
+    split.add_argument(
+        "--max-group-share",
+        type=float,
+        default=0.5,
+        help="a look-alike group holds at most this share of its category (default 0.5)",
+    )
+    split.add_argument(
+        "--frozen",
+        type=Path,
+        help="frozen evaluation set (JSON of content hashes from the registry): these photos stay in test",
+    )
 
     balance = add_step(
         steps,
