@@ -42,6 +42,9 @@ COVERAGE_PNG = "coverage.png"
 MODEL_DIR = "model"
 THRESHOLD_KEY = "confidence_threshold"  # spec.extra key, metrics.json key, run tag, model version tag
 DEFAULT_TARGET_ACCURACY = 0.95
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5  # what serving applies when a version carries none
+MIN_THRESHOLD_PHOTOS = 30  # validation photos at the chosen threshold below which none is chosen
+CHOOSE_HERE = object()  # compute_metrics: choose the threshold on the photos being scored
 TOP_K = 5
 TOP_CONFUSIONS_IN_JSON = 20
 
@@ -122,8 +125,14 @@ def compute_metrics(
     *,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
     taxonomy: Mapping[str, str] | None = None,
+    threshold: float | None | object = None,
 ) -> tuple[dict, np.ndarray, list[str], list[m.CoveragePoint]]:
     """(metrics, confusion matrix, the matrix's category order, coverage curve) for the predictions.
+
+    `threshold` is the confidence threshold chosen on other photos (validation; None: none was
+    chosen, so the server's default applies); the coverage block reports these photos at the
+    threshold that will be served. `CHOOSE_HERE` picks it on these very photos: only for a quick
+    look, never for a number that is reported (that would be tuning on the test photos).
 
     `labels` are the model's categories (the index space of `PhotoPrediction.indices`). Test
     categories the model does not know are appended after them: their photos count as wrong.
@@ -144,8 +153,10 @@ def compute_metrics(
     report = m.per_category_report(matrix, classes)
     correct = [t == r[0] for t, r in zip(true_index, ranked, strict=True)]
     curve = m.coverage_curve([p.probabilities[0] for p in predictions], correct)
-    threshold = m.lowest_threshold(curve, target_accuracy)
-    at = next((p for p in curve if p.threshold == threshold), None)
+    if threshold is CHOOSE_HERE:
+        threshold = m.lowest_threshold(curve, target_accuracy)
+    served = DEFAULT_CONFIDENCE_THRESHOLD if threshold is None else threshold
+    at = next((p for p in curve if abs(p.threshold - served) < 1e-9), None)
     result = {
         "top1_accuracy": m.top_k_accuracy(true_index, ranked, 1),
         "top5_accuracy": m.top_k_accuracy(true_index, ranked, TOP_K),
@@ -166,6 +177,7 @@ def compute_metrics(
         "coverage": {
             "target_accuracy": target_accuracy,
             THRESHOLD_KEY: threshold,
+            "served_threshold": served,
             "covered": at.covered if at else 0,
             "coverage": at.coverage if at else 0.0,
             "accuracy": at.accuracy if at else None,
@@ -204,21 +216,27 @@ def evaluate(
     *,
     taxonomy: Path | None = None,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    threshold_data: Path | None = None,
     run_id: str | None = None,
     tracking_uri: str | None = None,
     batch_size: int = 64,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationResult:
+    """Predict every photo of the test folder, write the results to OUT, log them to RUN_ID if given.
+
+    The confidence threshold is chosen on the validation photos (`threshold_data`, or the `val/`
+    folder of a split root) and only reported on test; without them no threshold is chosen.
+    """
     from .model_source import resolve_model_dir
     from .models import SPEC_NAME, WEIGHTS_NAME, load_classifier
     from .tracking import data_fingerprint
 
-    """Predict every photo of the test folder, write the results to OUT, log them to RUN_ID if given."""
     if not 0.0 < target_accuracy <= 1.0:
         raise StepError(f"--target-accuracy must be in (0, 1], got {target_accuracy}")
     out = Path(out)
     test_dir = find_test_dir(Path(data))
+    val_dir = Path(threshold_data) if threshold_data else _val_dir_beside(test_dir)
     files, categories = labelled_photos(test_dir)
     mapping = read_taxonomy(taxonomy) if taxonomy else None
     model_dir = resolve_model_dir(model)
@@ -236,9 +254,18 @@ def evaluate(
     category_of = dict(zip(files, categories, strict=True))
     true_categories = [category_of[p.path] for p in predicted.predictions]
 
-    metrics, matrix, classes, curve = compute_metrics(
-        spec.labels, true_categories, predicted.predictions, target_accuracy=target_accuracy, taxonomy=mapping
+    choice = choose_threshold(
+        network, spec, val_dir, target_accuracy, batch_size=batch_size, progress=progress
     )
+    metrics, matrix, classes, curve = compute_metrics(
+        spec.labels,
+        true_categories,
+        predicted.predictions,
+        target_accuracy=target_accuracy,
+        taxonomy=mapping,
+        threshold=choice["threshold"],
+    )
+    metrics["coverage"]["chosen_on"] = choice
     metrics["counts"]["files"] = len(files)
     metrics["counts"]["unreadable"] = len(predicted.unreadable)
     metrics["unreadable"] = [
@@ -271,6 +298,62 @@ def evaluate(
     if run_id:
         log_to_run(run_id, out, metrics, tracking_uri)
     return EvaluationResult(out, metrics, out / MODEL_DIR, list(predicted.unreadable), run_id)
+
+
+def _val_dir_beside(test_dir: Path) -> Path | None:
+    """The `val/` folder of the split root a test folder belongs to, if it has one."""
+    if test_dir.name == "test" and (test_dir.parent / "val").is_dir():
+        return test_dir.parent / "val"
+    return None
+
+
+def choose_threshold(
+    network, spec, val_dir: Path | None, target_accuracy: float, *, batch_size: int = 64, progress=None
+) -> dict:
+    """The lowest confidence threshold whose validation photos reach the target accuracy.
+
+    Chosen on validation, never on test: a threshold fitted to the photos it is then reported on
+    promises an accuracy the server will not keep. Fewer than MIN_THRESHOLD_PHOTOS validation photos
+    at the threshold is no evidence: no threshold is chosen (the server applies its default) and the
+    warning says why.
+    """
+    choice: dict = {"photos": "val", "threshold": None, "warning": None}
+    if val_dir is None or not val_dir.is_dir():
+        choice["warning"] = (
+            "no validation photos: no confidence threshold chosen (the server default "
+            f"{DEFAULT_CONFIDENCE_THRESHOLD} applies)"
+        )
+        return choice
+    try:
+        files, categories = labelled_photos(val_dir)
+    except StepError:
+        files, categories = [], []
+    predicted = predict_files(network, spec, files, top_k=1, batch_size=batch_size, progress=progress)
+    category_of = dict(zip(files, categories, strict=True))
+    correct = [p.labels[0] == category_of[p.path] for p in predicted.predictions]
+    curve = m.coverage_curve([p.probabilities[0] for p in predicted.predictions], correct)
+    found = m.lowest_threshold(curve, target_accuracy)
+    at = next((p for p in curve if p.threshold == found), None)
+    choice.update(
+        images=len(correct),
+        candidate=found,
+        covered=at.covered if at else 0,
+        coverage=at.coverage if at else 0.0,
+        accuracy=at.accuracy if at else None,
+    )
+    if found is None:
+        choice["warning"] = (
+            f"no confidence threshold reaches {target_accuracy:g} accuracy on the validation photos"
+        )
+    elif at.covered < MIN_THRESHOLD_PHOTOS:
+        choice["warning"] = (
+            f"only {at.covered} validation photo(s) at threshold {found:.2f} (fewer than "
+            f"{MIN_THRESHOLD_PHOTOS}): too few to choose one; the server default "
+            f"{DEFAULT_CONFIDENCE_THRESHOLD} applies"
+        )
+    else:
+        choice["threshold"] = found
+    return choice
 
 
 def _write_predictions(target, test_dir, true_categories, predictions) -> None:
@@ -355,13 +438,17 @@ def summary(result: EvaluationResult) -> str:
     if "macro_category" in metrics:
         text += f", macro-category {metrics['macro_category']['accuracy']:.4f}"
     coverage = metrics["coverage"]
-    if coverage[THRESHOLD_KEY] is None:
+    chosen = coverage.get("chosen_on") or {}
+    if chosen.get("warning"):
+        text += f"\nevaluate: warning: {chosen['warning']}"
+    elif coverage[THRESHOLD_KEY] is None:
         text += f"\nevaluate: no confidence threshold reaches {coverage['target_accuracy']:g} top-1 accuracy"
-    else:
-        text += (
-            f"\nevaluate: confidence threshold {coverage[THRESHOLD_KEY]:.2f} keeps {coverage['coverage']:.1%} "
-            f"of photos at {coverage['accuracy']:.4f} accuracy (target {coverage['target_accuracy']:g})"
-        )
+    accuracy = "no photo" if coverage["accuracy"] is None else f"{coverage['accuracy']:.4f} accuracy"
+    source = "chosen on validation" if coverage[THRESHOLD_KEY] is not None else "the server default"
+    text += (
+        f"\nevaluate: at the served threshold {coverage['served_threshold']:.2f} ({source}) the test photos "
+        f"are {coverage['coverage']:.1%} covered at {accuracy} (target {coverage['target_accuracy']:g})"
+    )
     text += f"\nevaluate: results in {result.out}; model with its threshold in {result.model_dir}"
     if result.run_id:
         text += f"\nevaluate: logged to MLflow run {result.run_id}"

@@ -134,7 +134,14 @@ def test_evaluate_writes_consistent_results_and_the_threshold_into_the_model_cop
     fitted, split_root, tmp_path
 ):
     out = tmp_path / "eval"
-    result = evaluate(fitted, split_root, out, taxonomy=TAXONOMY, target_accuracy=0.9, device="cpu")
+    val = tmp_path / "val"  # the photos the model was not fitted on: its threshold is chosen here
+    for category_dir in sorted((split_root / "test").iterdir()):
+        (val / category_dir.name).mkdir(parents=True)
+        for photo in sorted(category_dir.glob("*.jpg"))[1::2]:
+            os.link(photo, val / category_dir.name / photo.name)
+    result = evaluate(
+        fitted, split_root, out, taxonomy=TAXONOMY, target_accuracy=0.6, threshold_data=val, device="cpu"
+    )
     names = {p.name for p in out.iterdir()}
     assert {
         "predictions.csv",
@@ -176,9 +183,18 @@ def test_evaluate_writes_consistent_results_and_the_threshold_into_the_model_cop
     assert [r["threshold"] for r in coverage][:3] == ["0.00", "0.01", "0.02"] and len(coverage) == 100
     assert float(coverage[0]["coverage"]) == 1.0
     assert float(coverage[0]["accuracy"]) == pytest.approx(metrics["top1_accuracy"])
-    reaching = [float(r["threshold"]) for r in coverage if r["accuracy"] and float(r["accuracy"]) >= 0.9]
-    assert metrics["confidence_threshold"] == reaching[0] == result.confidence_threshold
-    # Recompute the coverage at the threshold from predictions.csv.
+    # The threshold is the lowest that reaches the target on the validation photos (their own coverage
+    # curve, written when they are evaluated as a test folder), not on the test photos.
+    evaluate(fitted, val, tmp_path / "on-val", target_accuracy=0.6, threshold_data=val, device="cpu")
+    val_curve = list(csv.DictReader((tmp_path / "on-val" / "coverage.csv").open()))
+    reaching = [float(r["threshold"]) for r in val_curve if r["accuracy"] and float(r["accuracy"]) >= 0.6]
+    on_test = [float(r["threshold"]) for r in coverage if r["accuracy"] and float(r["accuracy"]) >= 0.6]
+    assert metrics["confidence_threshold"] == reaching[0] == result.confidence_threshold != on_test[0]
+    assert (
+        metrics["coverage"]["chosen_on"]["covered"] >= 30
+        and metrics["coverage"]["chosen_on"]["warning"] is None
+    )
+    # Recompute the test coverage at the threshold from predictions.csv.
     sure = [r for r in rows if float(r["probability_1"]) >= reaching[0]]
     assert metrics["coverage"]["covered"] == len(sure)
     assert metrics["coverage"]["accuracy"] == pytest.approx(np.mean([r["correct"] == "1" for r in sure]))
@@ -189,7 +205,7 @@ def test_evaluate_writes_consistent_results_and_the_threshold_into_the_model_cop
 
     copy_model, copy_spec = load_classifier(out / "model")
     assert copy_spec.extra["confidence_threshold"] == metrics["confidence_threshold"]
-    assert copy_spec.extra["confidence_target_accuracy"] == 0.9
+    assert copy_spec.extra["confidence_target_accuracy"] == 0.6
     assert "confidence_threshold" not in ModelSpec.from_json((fitted / "model_spec.json").read_text()).extra
     original, _ = load_classifier(fitted)
     x = torch.randn(1, 3, 32, 32)
@@ -198,7 +214,7 @@ def test_evaluate_writes_consistent_results_and_the_threshold_into_the_model_cop
     for png in ("confusion_matrix.png", "coverage.png"):
         with Image.open(out / png) as image:
             assert image.format == "PNG" and image.width >= 600
-    assert "confidence threshold" in summary(result)
+    assert "threshold 0.79 (chosen on validation)" in summary(result).replace(f"{reaching[0]:.2f}", "0.79")
 
 
 def test_a_stale_threshold_is_cleared_when_no_threshold_reaches_the_target(labels, split_root, tmp_path):
@@ -206,13 +222,21 @@ def test_a_stale_threshold_is_cleared_when_no_threshold_reaches_the_target(label
     spec = ModelSpec.from_json((model / "model_spec.json").read_text())
     spec.extra["confidence_threshold"] = 0.5  # from some earlier evaluation
     (model / "model_spec.json").write_text(spec.to_json())
-    result = evaluate(model, split_root / "test", tmp_path / "eval", target_accuracy=0.95, device="cpu")
+    # (the same photos stand in as validation photos: no threshold can reach 0.95 on them)
+    result = evaluate(
+        model,
+        split_root / "test",
+        tmp_path / "eval",
+        target_accuracy=0.95,
+        threshold_data=split_root / "test",
+    )
     assert result.metrics["confidence_threshold"] is None
     assert result.metrics["per_category"]["Banana"]["recall"] == 1.0
     assert result.metrics["top1_accuracy"] == pytest.approx(24 / result.metrics["counts"]["images"])
     copy = ModelSpec.from_json((tmp_path / "eval" / "model" / "model_spec.json").read_text())
     assert copy.extra["confidence_threshold"] is None
-    assert "no confidence threshold reaches 0.95" in summary(result)
+    assert "no confidence threshold reaches 0.95 accuracy on the validation photos" in summary(result)
+    assert "the server default" in summary(result)
     # A second evaluation may overwrite its own output folder, but not a folder it did not make.
     evaluate(model, split_root, tmp_path / "eval", device="cpu")
     (tmp_path / "other").mkdir()
@@ -276,3 +300,19 @@ def test_confusion_matrix_png_stays_readable(categories, tmp_path):
         assert image.width <= 1800 and image.height <= 1600
         if categories == 200:
             assert image.height >= 1200
+
+
+def test_too_few_validation_photos_choose_no_threshold(fitted, split_root, sample_raw, tmp_path):
+    val = tmp_path / "val"  # two photos per category that the model was fitted on: all right, but 24 photos
+    for category_dir in sorted(sample_raw.iterdir()):
+        (val / category_dir.name).mkdir(parents=True)
+        for photo in sorted(category_dir.iterdir())[:4:2]:
+            os.link(photo, val / category_dir.name / photo.name)
+    result = evaluate(
+        fitted, split_root, tmp_path / "eval", target_accuracy=0.9, threshold_data=val, device="cpu"
+    )
+    chosen = result.metrics["coverage"]["chosen_on"]
+    assert chosen["candidate"] is not None and chosen["covered"] < 30  # one would reach 0.9 on 24 photos
+    assert result.confidence_threshold is None and "too few to choose one" in chosen["warning"]
+    assert result.metrics["coverage"]["served_threshold"] == 0.5
+    assert "warning: only" in summary(result) and "the server default" in summary(result)

@@ -23,7 +23,7 @@ import pytest
 
 from shopvision.components import metrics as m
 from shopvision.components.errors import StepError
-from shopvision.components.evaluate import compute_metrics, headline_metrics, read_taxonomy
+from shopvision.components.evaluate import CHOOSE_HERE, compute_metrics, headline_metrics, read_taxonomy
 from shopvision.components.predict import PhotoPrediction
 
 LABELS = ["a", "b", "c"]
@@ -187,8 +187,14 @@ def test_macro_category_roll_up_by_hand():
 
 
 def test_compute_metrics_assembles_the_hand_computed_values():
+    # The threshold comes from validation photos; here 0.81 is reported on these (test) photos.
     metrics, matrix, classes, curve = compute_metrics(
-        LABELS, TRUE, _predictions(), target_accuracy=0.95, taxonomy={"a": "X", "b": "X", "c": "Y"}
+        LABELS,
+        TRUE,
+        _predictions(),
+        target_accuracy=0.95,
+        taxonomy={"a": "X", "b": "X", "c": "Y"},
+        threshold=0.81,
     )
     assert classes == LABELS and matrix.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert metrics["top1_accuracy"] == pytest.approx(4 / 6)
@@ -205,6 +211,7 @@ def test_compute_metrics_assembles_the_hand_computed_values():
     assert metrics["coverage"] == {
         "target_accuracy": 0.95,
         "confidence_threshold": 0.81,
+        "served_threshold": 0.81,
         "covered": 2,
         "coverage": pytest.approx(2 / 6),
         "accuracy": 1.0,
@@ -229,10 +236,21 @@ def test_a_test_category_the_model_does_not_know_counts_as_wrong():
 
 
 def test_no_threshold_reaching_the_target_is_null():
-    metrics, *_ = compute_metrics(LABELS, ["b"] * 6, _predictions(), target_accuracy=0.99)
+    metrics, *_ = compute_metrics(
+        LABELS, ["b"] * 6, _predictions(), target_accuracy=0.99, threshold=CHOOSE_HERE
+    )
     assert metrics["confidence_threshold"] is None
-    assert metrics["coverage"]["covered"] == 0 and metrics["coverage"]["accuracy"] is None
     assert "test_confidence_threshold" not in headline_metrics(metrics)
+    # With no threshold the server's default 0.5 applies, and the coverage is reported at it.
+    assert metrics["coverage"]["served_threshold"] == 0.5
+    sure = [p for p in TOP1_PROB if p >= 0.5]
+    assert metrics["coverage"]["covered"] == len(sure)
+
+
+def test_choosing_on_the_scored_photos_is_only_on_request():
+    chosen, *_ = compute_metrics(LABELS, TRUE, _predictions(), target_accuracy=0.95, threshold=CHOOSE_HERE)
+    given, *_ = compute_metrics(LABELS, TRUE, _predictions(), target_accuracy=0.95)
+    assert chosen["confidence_threshold"] == 0.81 and given["confidence_threshold"] is None
 
 
 def test_read_taxonomy(tmp_path):

@@ -64,6 +64,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         args.out,
         taxonomy=args.taxonomy,
         target_accuracy=args.target_accuracy,
+        threshold_data=args.threshold_data,
         run_id=args.run_id,
         tracking_uri=args.tracking_uri,
         batch_size=args.batch_size,
@@ -128,7 +129,14 @@ def add_parser(steps) -> None:
         "--target-accuracy",
         type=_fraction,
         default=0.95,
-        help="the confidence threshold is the lowest one whose photos reach this accuracy (default 0.95)",
+        help="the confidence threshold is the lowest one whose validation photos reach this accuracy "
+        "(default 0.95)",
+    )
+    evaluate.add_argument(
+        "--threshold-data",
+        type=Path,
+        help="validation photos VAL_DIR/<category>/ to choose the threshold on (default: the val/ folder "
+        "of a split folder; never the test photos)",
     )
     evaluate.add_argument(
         "--run", dest="run_id", metavar="RUN_ID", help="also log metrics and files to this MLflow run"
