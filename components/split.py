@@ -342,10 +342,22 @@ def split(
     links: list[tuple[float, int, int]] = []
     if lookalike == "embedding":
         from .lookalike import lookalike_links
+        from .progress import Progress
+
+        bar = Progress(len(photos), "split: look-alike embeddings")
+        done = [0]
+
+        def advance(count: int, _total: int) -> None:
+            bar.advance(count - done[0])
+            done[0] = count
 
         links = lookalike_links(
-            [clean_dir / p.file for p in photos], [p.category for p in photos], similarity, progress=progress
+            [clean_dir / p.file for p in photos],
+            [p.category for p in photos],
+            similarity,
+            progress=progress or advance,
         )
+        bar.close()
     groups, refused = group_photos(photos, links, seed=seed, max_group_share=max_group_share)
     result = SplitResult(
         seed,
