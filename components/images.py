@@ -63,7 +63,7 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Only over Pillow's own limit (or with warnings turned into errors): refused either way.
         raise ImageDecodeError(
-            "too_many_pixels", f"over Pillow's decompression-bomb limit of {_pillow_limit()}"
+            "too_many_pixels", f"exceeds the decoder's own limit of {_pillow_limit()}"
         ) from None
     except UnidentifiedImageError:
         if _has_image_signature(stream):
