@@ -113,7 +113,10 @@ class DynamicBatcher:
         if not self.running:
             raise NotRunning("the batcher is not running")
         if len(self._pending) + len(tensors) > self.max_queue:
-            raise Overloaded(f"{len(self._pending)} photos are already waiting; retry shortly")
+            raise Overloaded(
+                f"{len(self._pending)} photos are already waiting for a forward pass and this request "
+                f"brings {len(tensors)}; the server queues at most {self.max_queue}: retry shortly"
+            )
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = [loop.create_future() for _ in tensors]
@@ -122,8 +125,11 @@ class DynamicBatcher:
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
-            for future in futures:  # a client that went away: its photos leave the queue unrun
+            # A client that went away or ran out of time: its photos leave the queue at once, unrun
+            # (photos of other requests in the same forward pass are answered as usual).
+            for future in futures:
                 future.cancel()
+            self._drop_cancelled()
             raise
 
     async def _loop(self) -> None:

@@ -52,6 +52,21 @@ class ServingMetrics:
             "shopvision_forward_seconds", "Time of one forward pass", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queued = Gauge("shopvision_queued_images", "Photos waiting for a forward pass", registry=r)
+        self.requests_in_progress = Gauge(
+            "shopvision_requests_in_progress",
+            "POST requests being answered (bounded by --max-concurrency)",
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "shopvision_photos_in_progress",
+            "Photos admitted: being decoded, waiting for or in a forward pass (bounded by --max-queue)",
+            registry=r,
+        )
+        self.json_budget_used = Gauge(
+            "shopvision_json_budget_used_bytes",
+            "Estimated memory of the JSON bodies being parsed (bounded by --json-budget-mb)",
+            registry=r,
+        )
         self.model_info = Gauge(
             "shopvision_model_info",
             "The model version being served (value 1)",
