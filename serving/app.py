@@ -1,6 +1,7 @@
 """The HTTP layer of the prediction server: FastAPI routes over the classifier and the batcher.
 
-Routes (the serving model is called `--model-name`, "shopvision" by default):
+Routes (the serving model is called `--model-name`; by default the registered model's name when
+serving models:/NAME@ALIAS or models:/NAME/V, else "shopvision"):
 - Open Inference Protocol v2 (KServe, Triton): GET /v2/health/live, /v2/health/ready, /v2,
   /v2/models/{name}, /v2/models/{name}/ready; POST /v2/models/{name}/infer
 - KServe v1: GET /v1/models/{name}; POST /v1/models/{name}:predict
@@ -10,7 +11,10 @@ Routes (the serving model is called `--model-name`, "shopvision" by default):
 - GET /metrics (Prometheus), /docs (OpenAPI)
 
 Errors are JSON `{"error": "..."}`: 4xx for every client mistake (the status says which), 503 while
-not ready or overloaded, 500 only for a fault of the server itself. Nothing here touches torch: a
+not ready or overloaded, 504 past the request deadline, 500 only for a fault of the server itself
+(with no detail: that goes to the log). Every route caps photos per request (413, before any is
+decoded) and admits photos against one bound for the whole server (503, before decoding); the
+bounds are in `settings.py`, the shared ones in `limits.py`. Nothing here touches torch: a
 request is parsed (`protocol.py`), its photos are decoded on a thread pool by the model's own
 `preprocess`, and the tensors go to the batcher with the model that preprocessed them
 (`handling.py`); what the routes share lives in `state.py`, the ASGI middleware in `middleware.py`.
@@ -26,27 +30,25 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shopvision import __version__
 
-from . import protocol
+from . import protocol, schemas
 from .handling import (
     ApiError,
     classify_images,
     decoded,
-    error,
     in_thread,
+    install_error_handlers,
     read_uploads,
     require_json,
     run_batch,
     serving_model,
     unknown_model,
 )
-from .middleware import BodyLimit, RequestMetrics
+from .middleware import BodyLimit, Deadline, RequestMetrics, WorkLimit
 from .model import InputError
 from .state import ServingState
 
@@ -60,22 +62,6 @@ log = logging.getLogger("shopvision.serving")
 SIMILAR_DEFAULT_K = 10
 SIMILAR_MAX_K = 1000  # neighbours in one /similar answer
 SIMILAR_MAX_PENDING = 64  # /similar queries waiting for or in the search thread; more: 503
-
-
-def _upload_body(*, many: bool) -> dict:
-    """OpenAPI request body of the upload routes: multipart file field(s), or one raw image/* body.
-    (They parse their bodies themselves, so FastAPI cannot infer it.)"""
-    photo = {"type": "string", "format": "binary"}
-    field = {"type": "array", "items": photo} if many else photo
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": {"type": "object", "properties": {"file": field}}},
-                "image/*": {"schema": photo},
-            },
-        }
-    }
 
 
 def create_app(
@@ -112,29 +98,7 @@ def create_app(
     app.state.serving = state
     settings = state.settings
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.message)
-
-    @app.exception_handler(protocol.ProtocolError)
-    async def _protocol_error(request: Request, exc: protocol.ProtocolError) -> JSONResponse:
-        return error(exc.status, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        return error(422, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
-
-    @app.exception_handler(Exception)
-    async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
-        log.error(
-            "internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc
-        )
-        return error(500, f"internal server error ({type(exc).__name__})")
+    install_error_handlers(app)
 
     # --- health and metadata ---
 
@@ -146,15 +110,15 @@ def create_app(
     async def ready() -> JSONResponse:
         return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
 
-    @app.get("/v2", tags=["v2"], response_model=protocol.ServerMetadata, summary="Server metadata")
+    @app.get("/v2", tags=["v2"], response_model=schemas.ServerMetadata, summary="Server metadata")
     async def server_metadata() -> dict:
         return {"name": "shopvision", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get(
         "/v2/models/{name}",
         tags=["v2"],
-        response_model=protocol.ModelMetadata,
-        responses={404: {"model": protocol.ErrorBody}},
+        response_model=schemas.ModelMetadata,
+        responses={404: {"model": schemas.ErrorBody}},
         summary="Model metadata: inputs, outputs, labels, preprocessing",
     )
     async def model_metadata(name: str) -> dict:
@@ -166,8 +130,8 @@ def create_app(
             "versions": [model.version],
             "platform": "pytorch",
             "inputs": [
-                {"name": protocol.IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-                {"name": protocol.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]},
+                {"name": schemas.IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+                {"name": schemas.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]},
             ],
             "outputs": [
                 {"name": "labels", "datatype": "BYTES", "shape": [-1, model.k]},
@@ -190,6 +154,13 @@ def create_app(
                 "source": state.source,
                 "device": str(model.device),
                 "precision": model.precision,
+                "limits": {  # what one request may carry (more: 413/422 before any work)
+                    "max_photos_per_request": settings.max_photos,
+                    "max_pixels_per_photo": model.max_pixels,
+                    "max_aspect_ratio": model.max_aspect_ratio,
+                    "max_body_bytes": settings.max_body_bytes,
+                    "request_timeout_s": settings.request_timeout,
+                },
             },
         }
 
@@ -201,20 +172,13 @@ def create_app(
 
     # --- Open Inference Protocol v2 inference ---
 
-    infer_body = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}},
-        }
-    }
-
     @app.post(
         "/v2/models/{name}/infer",
         tags=["v2"],
         summary="Classify photos (BYTES, base64 in JSON) or preprocessed tensors (FP32 N×3×S×S)",
-        response_model=protocol.InferenceResponse,
-        responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
-        openapi_extra=infer_body,
+        response_model=schemas.InferenceResponse,
+        responses={s: {"model": schemas.ErrorBody} for s in (400, 404, 413, 415, 422, 503, 504)},
+        openapi_extra=schemas.json_body(schemas.InferenceRequest),
     )
     async def infer(name: str, request: Request) -> JSONResponse:
         model = serving_model(state, name)
@@ -222,32 +186,39 @@ def create_app(
         if header_length is None:
             require_json(request)
         body = await request.body()
-        infer_request, raw = await in_thread(state, protocol.parse_infer_request, body, header_length)
-        protocol.requested_outputs(infer_request)  # unknown output names fail before any work
-        if len(infer_request.inputs) != 1:
-            raise ApiError(
-                400,
-                f"send exactly one input: {protocol.IMAGE_INPUT} (BYTES) or {protocol.PIXELS_INPUT} (FP32)",
-            )
-        item = infer_request.inputs[0]
+        cost = await in_thread(state, protocol.json_cost, protocol.json_part(body, header_length))
+        async with state.json_budget.reserve(cost):  # parsed JSON is what costs: photos are cheap
+            infer_request, raw = await in_thread(state, protocol.parse_infer_request, body, header_length)
+            protocol.requested_outputs(infer_request)  # unknown output names fail before any work
+            if len(infer_request.inputs) != 1:
+                raise ApiError(
+                    400,
+                    f"send exactly one input: {schemas.IMAGE_INPUT} (BYTES) or {schemas.PIXELS_INPUT} (FP32)",
+                )
+            item = infer_request.inputs[0]
+            if item.datatype not in ("BYTES", "FP32"):
+                raise ApiError(
+                    400, f"input {item.name!r}: datatype {item.datatype!r} not accepted; use BYTES or FP32"
+                )
+            if item.datatype == "BYTES":
+                blobs = await in_thread(state, protocol.image_blobs, item, raw.get(0), settings.max_photos)
+            else:
+                array = await in_thread(
+                    state, protocol.pixel_array, item, raw.get(0), model.input_shape, settings.max_photos
+                )
+            item.data = raw = None  # the parsed JSON values: freed before the photos are worked on
         if item.datatype == "BYTES":
-            blobs = await in_thread(state, protocol.image_blobs, item, raw.get(0))
             predictions = await classify_images(
                 state, model, blobs, [f"input {item.name!r} element {i}" for i in range(len(blobs))]
             )
-        elif item.datatype == "FP32":
-            array = await in_thread(state, protocol.pixel_array, item, raw.get(0))
-            try:
-                tensors = await in_thread(state, model.check_pixels, array)
-            except InputError as exc:
-                raise ApiError(400, f"input {item.name!r}: {exc}") from None
-            if not tensors:
-                raise ApiError(400, f"input {item.name!r} holds no photo")
-            predictions = await run_batch(state, model, tensors)
         else:
-            raise ApiError(
-                400, f"input {item.name!r}: datatype {item.datatype!r} not accepted; use BYTES or FP32"
-            )
+            with state.admission.admit(len(array)):
+                try:
+                    tensors = await in_thread(state, model.check_pixels, array)
+                except InputError as exc:
+                    raise ApiError(400, f"input {item.name!r}: {exc}") from None
+                del array
+                predictions = await run_batch(state, model, tensors)
         return JSONResponse(
             protocol.infer_response(settings.model_name, infer_request, predictions, model.threshold)
         )
@@ -263,19 +234,16 @@ def create_app(
         "/v1/models/{name}:predict",
         tags=["v1"],
         summary='Classify base64 photos: {"instances": [{"image": {"b64": "..."}}]}',
-        response_model=protocol.V1Response,
-        responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V1Request"}}},
-            }
-        },
+        response_model=schemas.V1Response,
+        responses={s: {"model": schemas.ErrorBody} for s in (400, 404, 413, 415, 422, 503, 504)},
+        openapi_extra=schemas.json_body(schemas.V1Request),
     )
     async def v1_predict(name: str, request: Request) -> JSONResponse:
         model = serving_model(state, name)
         require_json(request)
-        blobs = await in_thread(state, protocol.v1_images, await request.body())
+        body = await request.body()
+        async with state.json_budget.reserve(await in_thread(state, protocol.json_cost, body)):
+            blobs = await in_thread(state, protocol.v1_images, body, settings.max_photos)
         predictions = await classify_images(state, model, blobs, [f"instance {i}" for i in range(len(blobs))])
         return JSONResponse(protocol.v1_response(settings.model_name, predictions))
 
@@ -288,13 +256,13 @@ def create_app(
         description="`curl -F file=@photo.jpg -F file=@other.png http://HOST:PORT/predict`, or one photo "
         "as the raw body with an image/* Content-Type. `confident` is false when the top probability is "
         "under the threshold chosen at evaluation.",
-        response_model=protocol.PredictResponse,
-        responses={s: {"model": protocol.ErrorBody} for s in (400, 413, 415, 503)},
-        openapi_extra=_upload_body(many=True),
+        response_model=schemas.PredictResponse,
+        responses={s: {"model": schemas.ErrorBody} for s in (400, 413, 415, 422, 503, 504)},
+        openapi_extra=schemas.upload_body(many=True),
     )
     async def predict(request: Request) -> JSONResponse:
         model = serving_model(state, settings.model_name)
-        names, blobs = await read_uploads(request)
+        names, blobs = await read_uploads(request, settings.max_photos)
         predictions = await classify_images(state, model, blobs, names)
         return JSONResponse(
             protocol.predict_response(settings.model_name, names, predictions, model.threshold)
@@ -329,9 +297,9 @@ def create_app(
         "body with an image/* Content-Type. Exact cosine search over the index given with "
         "`--similar-index`, embedded by that index's own model (not the served champion) in fp32. "
         "k larger than the index returns the whole index, ranked. 404 when the server has no index.",
-        response_model=protocol.SimilarResponse,
-        responses={s: {"model": protocol.ErrorBody} for s in (400, 404, 413, 415, 422, 503)},
-        openapi_extra=_upload_body(many=False),
+        response_model=schemas.SimilarResponse,
+        responses={s: {"model": schemas.ErrorBody} for s in (400, 404, 413, 415, 422, 503, 504)},
+        openapi_extra=schemas.upload_body(many=False),
     )
     async def similar(
         request: Request,
@@ -347,7 +315,7 @@ def create_app(
             )
         if not state.ready:
             raise ApiError(503, "the server is not ready")
-        names, blobs = await read_uploads(request)
+        names, blobs = await read_uploads(request, settings.max_photos)
         if len(blobs) != 1:
             raise ApiError(400, f"send exactly one photo to /similar, got {len(blobs)}")
         image = await in_thread(state, decoded, finder.decode, blobs[0], names[0])
@@ -377,21 +345,18 @@ def create_app(
         }
 
     def openapi() -> dict:
-        # The inference routes parse their bodies themselves (for precise 400/415/422 answers);
-        # their request schemas are added here so /docs still shows them.
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
+            app.openapi_schema = schemas.with_request_schemas(
+                get_openapi(
+                    title=app.title, version=app.version, description=app.description, routes=app.routes
+                )
             )
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (protocol.InferenceRequest, protocol.V1Request):
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
+    # Added innermost first: RequestMetrics sees every answer, 503s and 504s of the others included.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Deadline, seconds=settings.request_timeout)
+    app.add_middleware(WorkLimit, max_requests=settings.max_concurrency, metrics=state.metrics)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     return app

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from shopvision.components.images import DEFAULT_MAX_PIXELS, decode_image
+from shopvision.components.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from shopvision.components.models import eval_transform, load_classifier
+
+from .settings import DEFAULT_MAX_ASPECT_RATIO
 
 log = logging.getLogger("shopvision.serving")
 
@@ -114,6 +117,23 @@ def fold_batch_norms(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+def check_aspect_ratio(image: Image.Image, limit: float) -> Image.Image:
+    """The image, or ImageDecodeError("aspect_ratio") when its longer side is over `limit` times the
+    shorter one.
+
+    Preprocessing resizes the shorter side to the model's resize size (`eval_transform`), so a thin
+    photo grows with its aspect ratio: a 1×60,000 one (under any pixel limit) would become
+    256×15 million pixels. With the ratio bounded, one photo costs at most resize² × limit pixels.
+    """
+    width, height = image.size
+    if max(width, height) > limit * min(width, height):
+        raise ImageDecodeError(
+            "aspect_ratio",
+            f"{width}x{height} is over the aspect-ratio limit of {limit:g}:1 (--max-aspect-ratio)",
+        )
+    return image
+
+
 def torch_threads(count: int) -> Callable[[], None]:
     """A thread initialiser: torch operations called from that thread use `count` CPU threads."""
 
@@ -135,6 +155,7 @@ class PhotoClassifier:
         precision: str = "auto",
         threshold_tag: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     ) -> None:
         self.version = str(version)
         self.device = pick_device(device)
@@ -148,6 +169,7 @@ class PhotoClassifier:
         self.network = network.to(self.device, memory_format=self.memory_format).eval()
         self.transform = eval_transform(self.spec)
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         self.k = min(MAX_TOP_K, self.spec.num_classes)
         self.threshold, self.threshold_source = confidence_threshold(threshold_tag, self.spec.extra)
 
@@ -165,8 +187,10 @@ class PhotoClassifier:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
 
     def preprocess(self, data: bytes) -> torch.Tensor:
-        """Encoded image bytes to a normalised 3×S×S tensor; raises ImageDecodeError for bad files."""
-        return self.transform(decode_image(data, max_pixels=self.max_pixels).image)
+        """Encoded image bytes to a normalised 3×S×S tensor; raises ImageDecodeError for bad files,
+        and for photos whose pixels or aspect ratio would cost more memory than the server allows."""
+        image = decode_image(data, max_pixels=self.max_pixels).image
+        return self.transform(check_aspect_ratio(image, self.max_aspect_ratio))
 
     def check_pixels(self, array: np.ndarray) -> list[torch.Tensor]:
         """An N×3×S×S float array a client preprocessed itself, as one tensor per photo."""

@@ -22,6 +22,7 @@ from shopvision.components.model_source import resolve_model_dir
 
 from .metrics import ServingMetrics
 from .model import THRESHOLD_TAG, PhotoClassifier
+from .settings import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("shopvision.serving")
 
@@ -55,6 +56,25 @@ def parse_registry_uri(text: str) -> tuple[str, str | None, str | None] | None:
     if not match:
         return None
     return match["name"], match["alias"], match["version"]
+
+
+def public_source(requested: str) -> str:
+    """What answers and metrics may say about where the model came from: a registry or run URI as
+    given (its name and version, or run), and "local" for anything else. A folder's path on this
+    machine, or a bucket's layout, is nobody's business outside it (the log still has it)."""
+    if parse_registry_uri(requested) is not None or requested.startswith("runs:/"):
+        return requested
+    return "local"
+
+
+def served_name(requested: str, override: str | None) -> str:
+    """The NAME in /v2/models/NAME: `--model-name` when given, else the registered model's name for
+    models:/NAME@ALIAS and models:/NAME/V (what an Open Inference Protocol client that knows the
+    registry asks for), else "shopvision"."""
+    if override:
+        return override
+    parsed = parse_registry_uri(requested)
+    return parsed[0] if parsed is not None else DEFAULT_MODEL_NAME
 
 
 def _client():

@@ -30,7 +30,8 @@ from shopvision.components.features import (
 )
 from shopvision.components.images import DEFAULT_MAX_PIXELS, decode_image
 
-from .model import pick_device
+from .model import check_aspect_ratio, pick_device
+from .settings import DEFAULT_MAX_ASPECT_RATIO
 
 log = logging.getLogger("shopvision.serving")
 
@@ -56,13 +57,19 @@ class SimilarPhotos:
     """An embedding index with its own model, ready to answer "which catalogue photos look like this"."""
 
     def __init__(
-        self, index_dir: str | Path, *, device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        index_dir: str | Path,
+        *,
+        device: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     ) -> None:
         """Raises StepError for a folder that is not a finished index, ValueError for an absent device."""
         self.index = load_index(index_dir)
         self.device = pick_device(device)
         self.network, self.spec = load_index_model(self.index, self.device)
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
 
     @property
     def size(self) -> int:
@@ -73,8 +80,9 @@ class SimilarPhotos:
         return self.index.dims
 
     def decode(self, data: bytes) -> Image.Image:
-        """Encoded bytes to an RGB photo, with the server's rules; raises ImageDecodeError."""
-        return decode_image(data, max_pixels=self.max_pixels).image
+        """Encoded bytes to an RGB photo, with the server's rules (pixels, aspect ratio); raises
+        ImageDecodeError."""
+        return check_aspect_ratio(decode_image(data, max_pixels=self.max_pixels).image, self.max_aspect_ratio)
 
     def find(self, image: Image.Image, k: int) -> SimilarAnswer:
         """The min(k, index size) catalogue photos most similar to a decoded photo, best first."""

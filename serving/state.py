@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .batcher import DynamicBatcher
+from .limits import MemoryBudget, PhotoAdmission
 from .metrics import ServingMetrics
-from .settings import ServerSettings, auto_forward_workers
+from .registry_watch import public_source
+from .settings import ServerSettings, auto_forward_workers, available_cores
 
 if TYPE_CHECKING:
     from .model import PhotoClassifier
@@ -36,19 +37,25 @@ class ServingState:
         similar_init: Callable[[], None] | None = None,
     ) -> None:
         """`forward_init`, `decode_init` and `similar_init` run first in each forward, decoding and
-        similar-search thread (thread limits)."""
+        similar-search thread (thread limits). `source` is what was asked for (`--model`); answers
+        and metrics only show `public_source` of it."""
         self.model = model
         self.settings = settings
-        self.source = source
+        self.source = public_source(source)
         self.metrics = ServingMetrics()
         self.batcher = DynamicBatcher(
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
             on_batch=self.metrics.observe_batch,
-            workers=settings.forward_workers or auto_forward_workers(model.device.type, os.cpu_count() or 1),
+            workers=settings.forward_workers or auto_forward_workers(model.device.type, available_cores()),
             worker_init=forward_init,
         )
+        self.admission = PhotoAdmission(settings.max_queue)
+        self.json_budget = MemoryBudget(settings.json_budget_bytes)
         self.metrics.queued.set_function(lambda: self.batcher.queued)
+        self.metrics.in_progress.set_function(lambda: self.admission.admitted)
+        self.metrics.json_budget_used.set_function(lambda: self.json_budget.used)
         self.decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_threads, thread_name_prefix="decode", initializer=decode_init
         )
@@ -69,7 +76,7 @@ class ServingState:
         """Serve `model` from the next request on; requests already running finish on the old one."""
         old, self.model = self.model, model
         if ref is not None:
-            self.source = ref.requested
+            self.source = public_source(ref.requested)
         self.metrics.swaps.inc()
         self._show_model()
         log.info("now serving version %s (was %s)", model.version, old.version)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from . import add_step, positive_int
@@ -36,8 +35,14 @@ def _run(args: argparse.Namespace) -> None:
     from shopvision.components.train_record import resolve_tracking_uri
     from shopvision.serving.app import create_app
     from shopvision.serving.model import torch_threads
-    from shopvision.serving.registry_watch import AliasWatcher, load_version, parse_registry_uri, resolve
-    from shopvision.serving.settings import ServerSettings, auto_forward_workers
+    from shopvision.serving.registry_watch import (
+        AliasWatcher,
+        load_version,
+        parse_registry_uri,
+        resolve,
+        served_name,
+    )
+    from shopvision.serving.settings import ServerSettings, auto_forward_workers, available_cores
     from shopvision.serving.state import ServingState
 
     logging.basicConfig(
@@ -47,6 +52,11 @@ def _run(args: argparse.Namespace) -> None:
     parsed = parse_registry_uri(args.model)
     if args.watch_alias and (parsed is None or parsed[1] is None):
         raise StepError(f"--watch-alias needs --model models:/NAME@ALIAS, not {args.model}")
+    if args.max_queue < max(args.max_photos, args.max_batch_size):
+        raise StepError(
+            f"--max-queue {args.max_queue} must be at least --max-photos ({args.max_photos}) and "
+            f"--max-batch-size ({args.max_batch_size}): a request that fits would never be admitted"
+        )
     if args.model.startswith(MLFLOW_SCHEMES):
         import mlflow
 
@@ -58,7 +68,10 @@ def _run(args: argparse.Namespace) -> None:
 
         try:
             similar = SimilarPhotos(
-                args.similar_index, device=args.device, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS
+                args.similar_index,
+                device=args.device,
+                max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                max_aspect_ratio=args.max_aspect_ratio,
             )
         except ValueError as exc:  # a device this machine does not have
             raise StepError(str(exc)) from None
@@ -71,6 +84,7 @@ def _run(args: argparse.Namespace) -> None:
         "device": args.device,
         "precision": args.precision,
         "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+        "max_aspect_ratio": args.max_aspect_ratio,
     }
     warm_up = (1, args.max_batch_size)
 
@@ -82,13 +96,20 @@ def _run(args: argparse.Namespace) -> None:
     except ValueError as exc:  # device or precision this machine does not have
         raise StepError(str(exc)) from None
     settings = ServerSettings(
-        model_name=args.model_name,
+        model_name=served_name(args.model, args.model_name),
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_body_bytes=int(args.max_body_mb * 2**20),
         decode_threads=args.decode_threads,
+        max_photos=args.max_photos,
+        max_queue=args.max_queue,
+        max_aspect_ratio=args.max_aspect_ratio,
+        json_budget_bytes=int(args.json_budget_mb * 2**20),
+        request_timeout=args.request_timeout,
+        max_concurrency=args.max_concurrency,
+        max_connections=args.max_connections,
     )
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     settings.forward_workers = args.forward_workers or auto_forward_workers(model.device.type, cores)
     # Decoding threads run small torch ops on the CPU: one thread each, so they do not fight the
     # forward passes for cores. On a CPU each forward worker gets an equal share of the cores.
@@ -96,10 +117,24 @@ def _run(args: argparse.Namespace) -> None:
     if model.device.type == "cpu":
         forward_init = torch_threads(args.threads_per_worker or max(1, cores // settings.forward_workers))
     log.info(
-        "%d forward worker(s), batches of up to %d photos gathered for up to %g ms",
+        "%d forward worker(s) on %d core(s), batches of up to %d photos gathered for up to %g ms; "
+        "serving as %r",
         settings.forward_workers,
+        cores,
         settings.max_batch_size,
         settings.max_wait_ms,
+        settings.model_name,
+    )
+    log.info(
+        "limits: %d photos per request, %d in progress, aspect ratio %g:1, %g MiB JSON budget, "
+        "%g s per request, %d requests and %d connections at once",
+        settings.max_photos,
+        settings.max_queue,
+        settings.max_aspect_ratio,
+        args.json_budget_mb,
+        settings.request_timeout,
+        settings.max_concurrency,
+        settings.max_connections,
     )
     state = ServingState(
         model,
@@ -126,6 +161,10 @@ def _run(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         access_log=args.access_log,
         timeout_graceful_shutdown=10,
+        # uvicorn's own bound: beyond this many connections or requests at once it answers a plain
+        # 503 itself (the app's JSON 503 of --max-concurrency comes first for POST requests).
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=5,  # idle keep-alive connections count against that bound
     )
 
 
@@ -182,7 +221,9 @@ def add_parser(steps) -> None:
         help="poll the registry alias this often; hot-swap to a new champion",
     )
     p.add_argument(
-        "--model-name", default=defaults.model_name, help="the name in /v2/models/NAME and /v1/models/NAME"
+        "--model-name",
+        help="the name in /v2/models/NAME and /v1/models/NAME (default: the registered model's name "
+        f"for models:/NAME@ALIAS and models:/NAME/V, else {defaults.model_name!r})",
     )
     p.add_argument(
         "--max-body-mb",
@@ -197,10 +238,58 @@ def add_parser(steps) -> None:
         help="largest photo (width × height) decoded (default: the clean step's 64 million)",
     )
     p.add_argument(
+        "--max-aspect-ratio",
+        type=positive_float,
+        default=defaults.max_aspect_ratio,
+        help="largest ratio of a photo's longer side to its shorter one (more: 422); bounds what one "
+        "photo costs once resized",
+    )
+    p.add_argument(
+        "--max-photos",
+        type=positive_int,
+        default=defaults.max_photos,
+        help="most photos in one request, on every route (more: 413, before any is decoded)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=defaults.max_queue,
+        help="most photos in progress at once, being decoded or waiting for or in a forward pass "
+        "(more: 503, before decoding)",
+    )
+    p.add_argument(
+        "--json-budget-mb",
+        type=positive_float,
+        default=defaults.json_budget_bytes / 2**20,
+        help="estimated memory that JSON bodies being parsed may take together, MiB (a JSON float "
+        "list takes ~17x its text); a body over it alone: 413, others wait",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        default=defaults.request_timeout,
+        help="longest from request (body upload included) to answer; later: 504 and its photos dropped",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=defaults.max_concurrency,
+        help="POST requests in progress at once (more: 503 in JSON; health, metadata and metrics exempt)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=defaults.max_connections,
+        help="uvicorn's limit_concurrency: open connections or requests beyond which uvicorn itself "
+        "answers a plain-text 503",
+    )
+    p.add_argument(
         "--decode-threads",
         type=positive_int,
         default=defaults.decode_threads,
-        help="threads decoding and preprocessing photos",
+        help="threads decoding and preprocessing photos (default: the cores of the container's CPU "
+        "quota, at most 8)",
     )
     p.add_argument(
         "--forward-workers",
