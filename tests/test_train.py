@@ -5,6 +5,7 @@ Runs use ResNet-18 at 32 px and a step cap so the whole file stays around two mi
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -116,7 +117,7 @@ def test_training_writes_checkpoints_best_model_and_run(trained, split_sample):
     assert all(0 <= h["val_top1_error"] <= 1 and h["val_top5_error"] <= h["val_top1_error"] for h in history)
 
 
-def test_mlflow_run_has_params_metrics_artifacts_and_model(trained):
+def test_mlflow_run_has_params_metrics_artifacts_and_model(trained, split_sample):
     out, db, _ = trained
     record = json.loads((out / "run.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{db}")
@@ -131,6 +132,14 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(trained):
         assert [m.step for m in client.get_metric_history(record["run_id"], key)] == [0, 1], key
     artifacts = {a.path for a in client.list_artifacts(record["run_id"])}
     assert {"curves.png", "labels.json", "history.jsonl"} <= artifacts
+    # The content hashes of exactly the train and val photos (not test), so the gate can check overlaps.
+    local = client.download_artifacts(record["run_id"], "data/training_photos.txt.gz", str(out / "dl"))
+    with gzip.open(local, "rt") as handle:
+        listed = handle.read().split()
+    manifest = json.loads((split_sample / "split.json").read_text())["photos"]
+    wanted = {e["sha256"][:16] for e in manifest if e["split"] in ("train", "val")}
+    assert listed == sorted(wanted) and found.data.tags["training_photos"] == str(len(wanted))
+    assert not {e["sha256"][:16] for e in manifest if e["split"] == "test"} & set(listed)
     loaded, spec = load_classifier(resolve_model_dir(record["model_uri"]))
     reference, _ = load_classifier(out / "model_best")
     x = torch.randn(2, 3, 32, 32)
