@@ -39,7 +39,7 @@ def _probe(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np
 
 def main() -> None:
     from shopvision.components.lookalike import embed_photos, links_within_categories
-    from shopvision.components.split import cleaned_photos, group_photos, rank, split_of
+    from shopvision.components.split import cleaned_photos, group_photos, split_of
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cleaned", nargs="?", type=Path)
@@ -66,9 +66,7 @@ def main() -> None:
         accuracies, sizes = [], []
         for seed in range(args.seeds):
             keys, _ = group_photos(photos, links, seed=seed, max_group_share=args.max_group_share)
-            where = np.array(
-                [split_of(rank(seed, *keys[i].split("/", 1)), 0.1, 0.1) for i in range(len(photos))]
-            )
+            where = np.array([split_of(seed, *keys[i].split("/", 1), 0.1, 0.1) for i in range(len(photos))])
             accuracies.append(
                 _probe(features, categories, np.nonzero(where == "train")[0], np.nonzero(where == "test")[0])
             )

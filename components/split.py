@@ -252,9 +252,14 @@ def rank(seed: int, category: str, product: str) -> str:
     return hashlib.sha256(f"{seed}\0{category}\0{product}".encode()).hexdigest()
 
 
-def split_of(key_rank: str, val: float, test: float) -> str:
-    """The split of a group from its key's hash alone: a point in [0, 1) against the fractions."""
-    point = int(key_rank[:15], 16) / 16**15
+def split_of(seed: int, category: str, product: str, val: float, test: float) -> str:
+    """The split of a group from its key alone: a point in [0, 1) against the fractions.
+
+    The point is a second hash, not the rank that chose the key: the key is the group's smallest
+    rank, and a minimum of many ranks is small, which would send every large group to test.
+    """
+    digest = hashlib.sha256(f"{seed}\0split\0{category}\0{product}".encode()).hexdigest()
+    point = int(digest[:15], 16) / 16**15
     if point < test:
         return "test"
     if point < test + val:
@@ -370,7 +375,7 @@ def split(
             "refused_links": sum(refused.values()),
         },
     )
-    _assign(photos, groups, result, val=val, test=test, seed=seed, frozen=frozen_hashes)
+    assign_splits(photos, groups, result, val=val, test=test, seed=seed, frozen=frozen_hashes)
     for category, count in sorted(refused.items()):
         result.warnings.append(
             f"category {category!r}: {count} look-alike link(s) refused because the group would hold more "
@@ -382,9 +387,17 @@ def split(
     return result
 
 
-def _assign(
-    photos, groups, result: SplitResult, *, val: float, test: float, seed: int, frozen: set[str]
+def assign_splits(
+    photos: list[SplitPhoto],
+    groups: dict[int, str],
+    result: SplitResult,
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    frozen: set[str],
 ) -> None:
+    """Set each photo's group and split (its group's own hash; frozen groups to test) into RESULT."""
     members: dict[str, list[int]] = defaultdict(list)
     for i in range(len(photos)):
         members[groups[i]].append(i)
@@ -401,7 +414,7 @@ def _assign(
             elif len(keys) < wanted_splits:
                 chosen[key] = "train"
             else:
-                chosen[key] = split_of(rank(seed, category, key.split("/", 1)[1]), val, test)
+                chosen[key] = split_of(seed, category, key.split("/", 1)[1], val, test)
         if len(keys) < wanted_splits:
             result.warnings.append(
                 f"category {category!r} has {sum(len(members[k]) for k in keys)} photo(s) in {len(keys)} "

@@ -8,7 +8,15 @@ from PIL import Image
 from shopvision.components.clean import clean
 from shopvision.components.errors import StepError
 from shopvision.components.naming import product_id
-from shopvision.components.split import rank, read_split_photos, split, split_of
+from shopvision.components.split import (
+    SplitPhoto,
+    SplitResult,
+    assign_splits,
+    group_photos,
+    read_split_photos,
+    split,
+    split_of,
+)
 
 
 def _photos(root: Path) -> dict[str, set[str]]:
@@ -38,7 +46,7 @@ def test_each_group_follows_its_own_hash_and_the_fractions_hold_overall(cleaned_
     for photo in result.photos:
         category, product = photo.group.split("/", 1)
         if category not in forced:
-            assert photo.split == split_of(rank(0, category, product), 0.2, 0.2), photo
+            assert photo.split == split_of(0, category, product, 0.2, 0.2), photo
     shares = Counter(p.split for p in result.photos)
     assert (
         0.1 < shares["test"] / len(result.photos) < 0.35 and 0.1 < shares["val"] / len(result.photos) < 0.35
@@ -203,3 +211,19 @@ def test_the_frozen_set_stays_in_test_under_a_new_seed(cleaned_sample, tmp_path)
     test_photos = read_split_photos(tmp_path / "b", ("test",))
     assert {p.sha256 for p in test_photos} >= set(frozen)
     assert all(p.path(tmp_path / "b").is_file() for p in test_photos)
+
+
+def test_large_groups_are_no_likelier_to_be_tested_than_small_ones():
+    # 3,000 photos in 60 categories; in each, ten groups of five look-alikes and no lone photos.
+    photos = [
+        SplitPhoto(f"c{c}/p{c}-{i}.jpg", f"c{c}", f"p{c}-{i}", f"{c:04d}{i:060d}")
+        for c in range(60)
+        for i in range(50)
+    ]
+    links = [(0.9, k, k + 1) for k in range(len(photos) - 1) if (k % 50) % 5 != 4]
+    groups, refused = group_photos(photos, links, seed=0, max_group_share=0.5)
+    assert not refused and len(set(groups.values())) == 600
+    result = SplitResult(0, {}, {})
+    assign_splits(photos, groups, result, val=0.1, test=0.2, seed=0, frozen=set())
+    shares = Counter(p.split for p in result.photos)
+    assert 0.15 < shares["test"] / 3000 < 0.25 and 0.06 < shares["val"] / 3000 < 0.14
