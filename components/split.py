@@ -376,10 +376,13 @@ def split(
         },
     )
     assign_splits(photos, groups, result, val=val, test=test, seed=seed, frozen=frozen_hashes)
-    for category, count in sorted(refused.items()):
+    if refused:
+        worst = sorted(refused.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{c} {n}" for c, n in worst[:8]) + (", ..." if len(worst) > 8 else "")
         result.warnings.append(
-            f"category {category!r}: {count} look-alike link(s) refused because the group would hold more "
-            f"than {max_group_share:.0%} of the category; its look-alikes may straddle splits"
+            f"{sum(refused.values())} look-alike link(s) in {len(refused)} categories refused because the "
+            f"group would hold more than {max_group_share:.0%} of its category (its look-alikes may straddle "
+            f"splits): {shown}"
         )
     for photo in result.photos:
         link_or_copy(clean_dir / photo.file, photo.path(out))

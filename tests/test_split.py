@@ -227,3 +227,14 @@ def test_large_groups_are_no_likelier_to_be_tested_than_small_ones():
     assign_splits(photos, groups, result, val=0.1, test=0.2, seed=0, frozen=set())
     shares = Counter(p.split for p in result.photos)
     assert 0.15 < shares["test"] / 3000 < 0.25 and 0.06 < shares["val"] / 3000 < 0.14
+
+
+def test_a_group_never_swallows_its_category():
+    # Ten photos of one category all alike (a chain of strong links): at most half may form one group.
+    photos = [SplitPhoto(f"c/p{i}.jpg", "c", f"p{i}", f"{i:064d}") for i in range(10)]
+    links = [(0.99 - i / 100, i, i + 1) for i in range(9)]
+    groups, refused = group_photos(photos, links, seed=0, max_group_share=0.5)
+    sizes = Counter(groups.values())
+    assert max(sizes.values()) == 5 and refused == {"c": 1}
+    # the strongest links are kept: photos 0..4 (links 0.99..0.96) are together
+    assert len({groups[i] for i in range(5)}) == 1
