@@ -20,7 +20,7 @@ claim is a number anyone can re-run:
 The load: `--clients` concurrent clients in one asyncio process, each sending one real product
 photo (the sample's JPEGs, base64 in JSON, the same bytes to both servers) per request and sending
 the next as soon as the answer arrives, for `--seconds`. shopvision gets the Open Inference Protocol
-request (`/v2/models/shopvision/infer`, BYTES input); MLflow gets its own (`/invocations`,
+request (`/v2/models/bench-classifier/infer`, BYTES input); MLflow gets its own (`/invocations`,
 `dataframe_split` with the `image` column its signature declares). Both answers are checked to name
 the same top category for the same photo before timing starts.
 
@@ -52,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample" / "raw"
 BIN = Path(sys.executable).parent
 MODEL_NAME = "bench-classifier"
-SERVED_AS = "shopvision"
+SERVED_AS = MODEL_NAME  # the OIP name defaults to the registered model's name
 GOAL = 3.0  # the goal: at least this many times the requests/s of mlflow models serve
 START_TIMEOUT_S = 300.0
 

@@ -40,7 +40,7 @@ from shopvision.components.models import ModelSpec, eval_transform
 from shopvision.components.tracking import log_classifier
 
 NAME = "shopvision-serving-test"
-SERVED_AS = "shopvision"
+SERVED_AS = NAME  # the OIP name defaults to the registered model's name
 THRESHOLD = 0.7
 MAX_PIXELS = 1_000_000
 MAX_BODY_MB = 1
