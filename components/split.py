@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,8 @@ CLEAN_REPORT = "clean_report.json"
 DEFAULT_SIMILARITY = 0.82
 DEFAULT_MAX_GROUP_SHARE = 0.5
 LOOKALIKE_MODES = ("embedding", "none")
+# Names balance (`x.copy2.jpg`) and augment (`x.mirror.jpg`, `x.copy2.grain.jpg`) give their outputs.
+_DERIVED = re.compile(r"\.(copy\d+|mirror|rot_cw|rot_ccw|grain)\.[^.]+$")
 
 
 @dataclass
@@ -180,7 +183,7 @@ def read_split_photos(root: Path, splits: Iterable[str] = SPLITS) -> list[SplitP
             continue
         for category, files in category_photos(folder).items():
             for path in files:
-                if ".copy" in path.name or path.name.count(".") > 1:  # balance/augment derivatives
+                if _DERIVED.search(path.name):  # balance copies and augment outputs are not originals
                     continue
                 photos.append(
                     SplitPhoto(
