@@ -50,7 +50,8 @@ def _error_code(exc: Exception) -> str | None:
     return getattr(exc, "error_code", None)
 
 
-def _registered_model(client, name: str):
+def registered_model(client, name: str):
+    """The registered model NAME; a clear StepError when it does not exist or cannot be read."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -74,7 +75,21 @@ def model_version(client, name: str, version: str):
 
 def aliases(client, name: str) -> dict[str, str]:
     """{alias: version} of a registered model (a missing alias is simply absent)."""
-    return {alias: str(version) for alias, version in (_registered_model(client, name).aliases or {}).items()}
+    return {alias: str(version) for alias, version in (registered_model(client, name).aliases or {}).items()}
+
+
+def set_version_tags(client, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Set many tags on a model version, a few requests at a time.
+
+    MLflow has no batch call for version tags and each one costs two requests (the client checks the
+    model is not a prompt first): twenty decision tags one after another take seconds.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = [pool.submit(client.set_model_version_tag, name, version, k, v) for k, v in tags.items()]
+    for future in done:
+        future.result()  # the first failure, if any, is raised here
 
 
 def code_version() -> str:
