@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .corrections import Corrections, CorrectionsError, apply_corrections, check_categories
 from .errors import StepError
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -62,6 +63,7 @@ class FileVerdict:
     output: str | None = None  # path relative to OUT
     product_id: str | None = None
     duplicate_of: str | None = None
+    corrected_from: str | None = None  # the category RAW files it under, when a correction moved it
     sha256: str | None = None
     phash: str | None = None
     source_format: str | None = None
@@ -75,6 +77,7 @@ class CleanResult:
     out: str
     size: int
     files: list[FileVerdict] = field(default_factory=list)
+    corrections: list[dict] = field(default_factory=list)  # photos moved by --corrections
 
     @property
     def kept(self) -> list[FileVerdict]:
@@ -105,6 +108,8 @@ class CleanResult:
             "categories": self.per_category(),
             "files": [{k: v for k, v in asdict(f).items() if v is not None} for f in self.files],
         }
+        if self.corrections:
+            report["corrections"] = self.corrections
         return json.dumps(report, indent=1, sort_keys=False) + "\n"
 
 
@@ -293,6 +298,7 @@ def clean(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     report: Path | None = None,
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS,
+    corrections: Corrections | None = None,
 ) -> CleanResult:
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
@@ -303,6 +309,9 @@ def clean(
         raise CleanError(
             "the raw and output folders must be separate: neither may be, or be inside, the other"
         )
+    if corrections:  # a wrong category fails before anything is decoded or written
+        check_categories(corrections, _category_folders(raw))
+    created, marked = not out.exists(), (out / MARKER_NAME).exists()
     _prepare_out(out)
     workers = workers or os.cpu_count() or 1
 
@@ -313,6 +322,16 @@ def clean(
     try:
         decoded = _decode_all(candidates, size, max_pixels, staging, workers)
         result = _decide(raw, out, size, candidates, decoded, verdicts, near_duplicate_bits)
+        if corrections:  # all rows apply, or none: nothing is published before this
+            try:
+                result.corrections = apply_corrections(result.files, corrections)
+            except CorrectionsError:  # leave OUT as it was: no marker this run added, no new folder
+                if not marked:
+                    (out / MARKER_NAME).unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(out / STAGING_NAME, ignore_errors=True)
+                    out.rmdir()
+                raise
         _publish(out, staging, result, {c.source: c.index for c in candidates})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -321,6 +340,11 @@ def clean(
         atomic_write_text(out / REPORT_NAME, result.to_json())
     (out / MARKER_NAME).unlink(missing_ok=True)  # the report marks the folder from now on
     return result
+
+
+def _category_folders(raw: Path) -> set[str]:
+    """RAW's category names, as `discover` finds them: its folders (links to folders are not walked)."""
+    return {entry.name for entry in os.scandir(raw) if entry.is_dir(follow_symlinks=False)}
 
 
 def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
@@ -422,4 +446,6 @@ def summary(result: CleanResult) -> str:
     ]
     for reason, count in totals["dropped"].items():
         lines.append(f"  dropped {count:>6}  {reason}")
+    if result.corrections:
+        lines.append(f"  corrected {len(result.corrections):>4}  moved to the category a review gave them")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ ORDER = 10
 
 def _run_clean(args: argparse.Namespace) -> None:
     from shopvision.components.clean import clean, summary
+    from shopvision.components.corrections import read_corrections
 
     result = clean(
         args.raw,
@@ -21,6 +22,7 @@ def _run_clean(args: argparse.Namespace) -> None:
         workers=args.workers,
         report=args.report,
         max_pixels=args.max_pixels,
+        corrections=read_corrections(args.corrections) if args.corrections else None,
     )
     print(summary(result))
     print(f"report: {args.report or args.out / 'clean_report.json'}")
@@ -87,6 +89,13 @@ def add_parser(steps) -> None:
         type=positive_int,
         default=64_000_000,
         help="refuse images with more pixels (decompression bombs; default 64M)",
+    )
+    clean.add_argument(
+        "--corrections",
+        type=Path,
+        metavar="FILE",
+        help="corrections.csv from the audit report (photo,category,corrected_category): file those photos "
+        "under the corrected category; every row must apply, or nothing is written",
     )
 
     split = add_step(
