@@ -32,34 +32,51 @@ import shopvision
 from shopvision.cli import main
 from shopvision.components.errors import StepError
 from shopvision.components.evaluate import evaluate
-from shopvision.components.promotion import Score, decide, promote, rollback
+from shopvision.components.promotion import Score, decide, promote
 from shopvision.components.registry import CHAMPION, PREVIOUS, aliases, register
+from shopvision.components.rollback import rollback
 from shopvision.components.tracking import log_classifier
 
 COUNTS = {"Banana": 8, "Carrots": 8, "Lemon": 4}  # every other category: 2 photos
 TOTAL = 38
 EXPECTED = {"banana": 8 / TOTAL, "carrots": 8 / TOTAL, "lemon": 4 / TOTAL}  # "fitted" is measured
+# These runs record no training photos (the models are made here, not by `train`), so the gate is told
+# to accept that; test_promotion_gate.py covers the check itself. One loopback server needs no 1 s settle.
+GATE = {"allow_unknown_training_data": True, "lease_settle": 0.1}
+GATE_FLAGS = ["--allow-unknown-training-data", "--lease-settle", "0.1"]
 
 
 # ---------------------------------------------------------------------------- the gate, no server
 
 
+def _pair(candidate_right: int, champion_right: int, both: int, photos: int = 20) -> tuple[Score, Score]:
+    """Per-photo scores: `both` photos right for both, then each model's own, the rest wrong for both."""
+    hashes = [f"{i:064x}" for i in range(photos)]
+    candidate = {h: i < both or both <= i < both + candidate_right for i, h in enumerate(hashes)}
+    champion = {
+        h: i < both or both + candidate_right <= i < both + candidate_right + champion_right
+        for i, h in enumerate(hashes)
+    }
+    return Score.of(candidate), Score.of(champion)
+
+
 def test_decide_strictly_better_by_the_margin_and_above_the_floor():
-    champion = Score(0.5, 10, 20)
-    assert decide(Score(0.55, 11, 20), champion)[0]
-    promoted, why = decide(Score(0.5, 10, 20), champion)
+    # The paired test needs per-photo scores now; 10 discordant photos all the candidate's is p = 0.002.
+    assert decide(*_pair(10, 0, 5))[0]
+    promoted, why = decide(*_pair(3, 3, 5))
     assert not promoted and "ties" in why  # equal is not promoted, even with min_gain 0
-    assert not decide(Score(0.45, 9, 20), champion)[0]
-    assert not decide(Score(0.55, 11, 20), champion, min_gain=0.1)[0]
-    assert decide(Score(0.6, 12, 20), champion, min_gain=0.1)[0]  # 0.6 - 0.5 == 0.1 despite float rounding
-    assert not decide(Score(0.6, 12, 20), champion, min_accuracy=0.7)[0]
-    assert decide(Score(0.1, 2, 20), None)[0]  # no champion: the default floor is 0
-    promoted, why = decide(Score(0.1, 2, 20), None, min_accuracy=0.2)
+    assert not decide(*_pair(0, 2, 5))[0]
+    assert not decide(*_pair(10, 0, 5), min_gain=0.6)[0]
+    assert decide(*_pair(10, 0, 5), min_gain=0.5)[0]  # 15/20 - 5/20 == 0.5 despite float rounding
+    assert not decide(*_pair(10, 0, 5), min_accuracy=0.8)[0]
+    alone = Score(0.1, 2, 20)
+    assert decide(alone, None)[0]  # no champion: the default floor is 0
+    promoted, why = decide(alone, None, min_accuracy=0.2)
     assert not promoted and "below the floor" in why
-    promoted, why = decide(Score(0.1, 2, 20), None, champion_error="bad weights")
+    promoted, why = decide(alone, None, champion_error="bad weights")
     assert not promoted and "--force" in why
-    assert decide(Score(0.1, 2, 20), None, champion_error="bad weights", force=True)[0]
-    assert not decide(Score(0.1, 2, 20), None, champion_error="bad", force=True, min_accuracy=0.5)[0]
+    assert decide(alone, None, champion_error="bad weights", force=True)[0]
+    assert not decide(alone, None, champion_error="bad", force=True, min_accuracy=0.5)[0]
 
 
 # --------------------------------------------------------------------------------- servers
@@ -295,7 +312,7 @@ def test_a_worse_or_equal_candidate_is_never_promoted(registry, test_dir, order)
     champion_key, champion_version, previous_version = None, None, None
     scores: dict[str, float] = {}
     for key, version in zip(keys, versions, strict=True):
-        decision = promote(name, version, test_dir, tracking_uri=registry.url, device="cpu")
+        decision = promote(name, version, test_dir, tracking_uri=registry.url, device="cpu", **GATE)
         scores[key] = decision.candidate.top1_accuracy
         if key in EXPECTED:
             assert decision.candidate.top1_accuracy == pytest.approx(EXPECTED[key])
@@ -332,43 +349,47 @@ def test_rollback_restores_the_previous_champion(registry, test_dir, capsys):
             "--device",
             "cpu",
         ]
-        assert main(command + flags) == 0
+        assert main(command + flags + GATE_FLAGS) == 0
         assert "PROMOTED" in capsys.readouterr().out
     assert registry.aliases(name) == {CHAMPION: better, PREVIOUS: worse}
 
-    assert main(["rollback", "--name", name, *flags]) == 0
+    assert main(["rollback", "--name", name, *flags, "--lease-settle", "0.1"]) == 0
     assert f"@champion → v{worse} (was v{better})" in capsys.readouterr().out
     assert registry.aliases(name) == {CHAMPION: worse}
     assert "rollback.rolled_back_at" in registry.tags(name, better)
-    assert main(["rollback", "--name", name, *flags]) == 2
+    assert main(["rollback", "--name", name, *flags, "--lease-settle", "0.1"]) == 2
     assert "no @previous version to roll back to" in capsys.readouterr().err
     assert registry.aliases(name) == {CHAMPION: worse}
     with pytest.raises(StepError, match="no registered model named"):
-        rollback("no-such-model", tracking_uri=registry.url)
+        rollback("no-such-model", tracking_uri=registry.url, lease_settle=0.1)
 
     # Promoting the champion again is refused; the rolled-back version can be promoted anew.
     with pytest.raises(StepError, match="already @champion"):
-        promote(name, worse, test_dir, tracking_uri=registry.url, device="cpu")
-    assert promote(name, better, test_dir, tracking_uri=registry.url, device="cpu").promoted
+        promote(name, worse, test_dir, tracking_uri=registry.url, device="cpu", **GATE)
+    assert promote(name, better, test_dir, tracking_uri=registry.url, device="cpu", **GATE).promoted
     assert registry.aliases(name) == {CHAMPION: better, PREVIOUS: worse}
     # ...and the worse one, tried again over the better champion, is not.
-    assert not promote(name, worse, test_dir, tracking_uri=registry.url, device="cpu").promoted
+    assert not promote(name, worse, test_dir, tracking_uri=registry.url, device="cpu", **GATE).promoted
     assert registry.aliases(name) == {CHAMPION: better, PREVIOUS: worse}
 
 
 @SQLITE
 def test_min_gain_and_floor(registry, test_dir, capsys):
     name, (banana, fitted) = registry.new_name("banana", "fitted")
-    promote(name, banana, test_dir, tracking_uri=registry.url, device="cpu")
-    decision = promote(name, fitted, test_dir, min_gain=0.99, tracking_uri=registry.url, device="cpu")
+    promote(name, banana, test_dir, tracking_uri=registry.url, device="cpu", **GATE)
+    decision = promote(name, fitted, test_dir, min_gain=0.99, tracking_uri=registry.url, device="cpu", **GATE)
     assert not decision.promoted and "less than the minimum gain" in decision.reason
     assert registry.aliases(name) == {CHAMPION: banana}
     assert registry.tags(name, fitted)["promotion.min_gain"] == "0.99"
-    assert promote(name, fitted, test_dir, min_gain=0.5, tracking_uri=registry.url, device="cpu").promoted
+    assert promote(
+        name, fitted, test_dir, min_gain=0.5, tracking_uri=registry.url, device="cpu", **GATE
+    ).promoted
 
     name, (lemon,) = registry.new_name("lemon")
     command = ["promote", "--name", name, "--version", lemon, "--data", str(test_dir.parent)]  # a split root
-    code = main(command + ["--min-accuracy", "0.5", "--tracking-uri", registry.url, "--device", "cpu"])
+    code = main(
+        command + ["--min-accuracy", "0.5", "--tracking-uri", registry.url, "--device", "cpu", *GATE_FLAGS]
+    )
     assert code == 0  # a rejection is a decision, not an error
     out = capsys.readouterr().out
     assert "REJECTED" in out and "below the floor 0.5000" in out and "no @champion set" in out
@@ -379,16 +400,16 @@ def test_min_gain_and_floor(registry, test_dir, capsys):
 def test_an_unloadable_champion_is_replaced_only_with_force(registry, test_dir):
     name, (broken, lemon) = registry.new_name("broken", "lemon")
     registry.client.set_registered_model_alias(name, CHAMPION, broken)
-    decision = promote(name, lemon, test_dir, tracking_uri=registry.url, device="cpu")
+    decision = promote(name, lemon, test_dir, tracking_uri=registry.url, device="cpu", **GATE)
     assert not decision.promoted and "cannot be loaded" in decision.reason and "--force" in decision.reason
     assert "cannot read weights" in decision.champion_error
     assert registry.aliases(name) == {CHAMPION: broken}
     assert registry.tags(name, lemon)["promotion.champion_top1_accuracy"] == "unloadable"
     # --force still applies the floor.
     assert not promote(
-        name, lemon, test_dir, min_accuracy=0.5, force=True, tracking_uri=registry.url
+        name, lemon, test_dir, min_accuracy=0.5, force=True, tracking_uri=registry.url, **GATE
     ).promoted
-    decision = promote(name, lemon, test_dir, force=True, tracking_uri=registry.url, device="cpu")
+    decision = promote(name, lemon, test_dir, force=True, tracking_uri=registry.url, device="cpu", **GATE)
     assert decision.promoted and decision.forced
     # The broken version does not become @previous: a rollback must not bring it back.
     assert registry.aliases(name) == {CHAMPION: lemon}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import add_step, positive_int
@@ -27,7 +28,14 @@ def _run_promote(args: argparse.Namespace) -> None:
         args.data,
         min_gain=args.min_gain,
         min_accuracy=args.min_accuracy,
+        alpha=args.alpha,
         force=args.force,
+        allow_unknown_training_data=args.allow_unknown_training_data,
+        add_test_photos=args.add_test_photos,
+        lease_seconds=args.lease_seconds,
+        lease_wait=args.lease_wait,
+        lease_settle=args.lease_settle,
+        notify=_notify("promote"),
         tracking_uri=args.tracking_uri,
         batch_size=args.batch_size,
         device=args.device,
@@ -37,9 +45,39 @@ def _run_promote(args: argparse.Namespace) -> None:
 
 
 def _run_rollback(args: argparse.Namespace) -> None:
-    from shopvision.components.promotion import rollback, rollback_summary
+    from shopvision.components.rollback import rollback, rollback_summary
 
-    print(rollback_summary(rollback(args.name, tracking_uri=args.tracking_uri)))
+    result = rollback(
+        args.name, tracking_uri=args.tracking_uri, lease_wait=args.lease_wait, lease_settle=args.lease_settle
+    )
+    print(rollback_summary(result))
+
+
+def _lease_settle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease-settle",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="pause between writing the lease and reading it back to confirm it (default 1)",
+    )
+
+
+def _notify(step: str):
+    def notify(message: str) -> None:
+        print(f"{step}: {message}", file=sys.stderr, flush=True)
+
+    return notify
+
+
+def _lease_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lease-wait",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long to wait while another promote or rollback of this model holds its lease (default 1800)",
+    )
 
 
 def _tracking(parser: argparse.ArgumentParser) -> None:
@@ -68,14 +106,18 @@ def add_parser(steps) -> None:
     promote = add_step(
         steps,
         "promote",
-        "score a version and the current @champion on the same test photos; move @champion when the "
-        "version is strictly better by at least --min-gain and reaches --min-accuracy",
+        "score a version and the current @champion on the model's frozen test photos; move @champion when "
+        "the version is strictly better by at least --min-gain, significantly (exact McNemar, --alpha), "
+        "reaches --min-accuracy, and neither model trained on those photos",
         _run_promote,
     )
     promote.add_argument("--name", required=True, help="registered model name")
     promote.add_argument("--version", required=True, help="the candidate version")
     promote.add_argument(
-        "--data", type=Path, required=True, help="TEST_DIR/<category>/<photo>, or a split folder (its test/)"
+        "--data",
+        type=Path,
+        required=True,
+        help="the split folder (train/ val/ test/ and split.json), or a TEST_DIR/<category>/<photo>",
     )
     promote.add_argument(
         "--min-gain", type=float, default=0.0, help="top-1 accuracy the candidate must gain (default 0)"
@@ -84,14 +126,44 @@ def add_parser(steps) -> None:
         "--min-accuracy", type=float, default=0.0, help="top-1 accuracy floor for any champion (default 0)"
     )
     promote.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="significance level of the paired test against the champion (default 0.05)",
+    )
+    promote.add_argument(
         "--force",
         action="store_true",
-        help="replace a champion that cannot be loaded (the gate still applies)",
+        help="replace a champion that cannot be loaded, or compare with a champion that trained on the "
+        "frozen test photos (the gate still applies)",
     )
+    promote.add_argument(
+        "--allow-unknown-training-data",
+        action="store_true",
+        help="accept versions whose run did not record its training photos (overlap then unchecked)",
+    )
+    promote.add_argument(
+        "--no-add-test-photos",
+        dest="add_test_photos",
+        action="store_false",
+        help="score on the frozen test photos only; do not add this data's new test photos to them",
+    )
+    promote.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="expiry of the promotion lease, renewed while scoring; a crashed promote blocks others "
+        "at most this long (default 300)",
+    )
+    _lease_wait(promote)
+    _lease_settle(promote)
     promote.add_argument("--batch-size", type=positive_int, default=64)
     promote.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     _tracking(promote)
 
     rollback = add_step(steps, "rollback", "move @champion back to @previous", _run_rollback)
     rollback.add_argument("--name", required=True, help="registered model name")
+    _lease_wait(rollback)
+    _lease_settle(rollback)
     _tracking(rollback)
