@@ -356,7 +356,7 @@ def promote_summary(d: PromotionDecision) -> str:
         text = f"evaluation set {e.frozen.fingerprint[:12]}: {len(e.frozen.photos)} photos ({origin})"
         if e.missing:
             text += f"; {e.missing} of them are not in this data and were not scored"
-        if e.added:
+        if e.added and e.stored:
             text += f"; {e.added} new test photos added"
         if e.excluded:
             text += f"; {e.excluded} test photos left out because a model trained on them"

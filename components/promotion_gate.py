@@ -83,9 +83,9 @@ def decide(
     if not paired.significant:
         return False, (
             f"gain {gain:+.4f} is not significant: of {paired.photos} photos the candidate alone gets {b} "
-            f"right and the champion alone {c}, and a split that uneven happens by chance with p = "
-            f"{paired.p_value:.4f} (needs < {alpha:g}); too few photos tell them apart to call the "
-            "candidate better"
+            f"right and the champion alone {c}; if the two were equally good, a difference this large "
+            f"would still come up by chance with p = {paired.p_value:.4f} (needs < {alpha:g}), so these "
+            "photos cannot tell them apart"
         )
     return True, (
         f"gain {gain:+.4f} over the champion's {champion.top1_accuracy:.4f} (minimum gain {min_gain:.4f}) "

@@ -56,7 +56,7 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
 def _bisect(f, target: float, increasing: bool) -> float:
     """The p in [0, 1] where the monotone f(p) crosses target."""
     low, high = 0.0, 1.0
-    for _ in range(80):  # 2**-80: far below any printed digit
+    for _ in range(60):  # 2**-60: far below any printed digit
         mid = (low + high) / 2
         if (f(mid) < target) == increasing:
             low = mid
