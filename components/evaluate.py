@@ -228,6 +228,7 @@ def evaluate(
     The confidence threshold is chosen on the validation photos (`threshold_data`, or the `val/`
     folder of a split root) and only reported on test; without them no threshold is chosen.
     """
+    from .evaluation_report import write_evaluation_report
     from .model_source import resolve_model_dir
     from .models import SPEC_NAME, WEIGHTS_NAME, load_classifier
     from .tracking import data_fingerprint
@@ -294,6 +295,7 @@ def evaluate(
     link_or_copy(model_dir / WEIGHTS_NAME, out / MODEL_DIR / WEIGHTS_NAME)
     atomic_write_text(out / MODEL_DIR / SPEC_NAME, spec.to_json())
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=1) + "\n")
+    write_evaluation_report(out, test_dir)  # report.html, logged to the run below with the rest of OUT
 
     if run_id:
         log_to_run(run_id, out, metrics, tracking_uri)
