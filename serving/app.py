@@ -9,6 +9,8 @@ serving models:/NAME@ALIAS or models:/NAME/V, else "shopvision"):
 - POST /similar?k=10: the k catalogue photos most like one uploaded photo, with `--similar-index`
   (404 without); embedded by the index's own model in fp32 on a thread of its own
 - GET /metrics (Prometheus), /docs (OpenAPI)
+- GET / for a browser (Accept: text/html): the photo-check page (`page/`); for anyone else the JSON
+  index of the routes
 
 Errors are JSON `{"error": "..."}`: 4xx for every client mistake (the status says which), 503 while
 not ready or overloaded, 504 past the request deadline, 500 only for a fault of the server itself
@@ -50,6 +52,7 @@ from .handling import (
 )
 from .middleware import BodyLimit, Deadline, RequestMetrics, WorkLimit
 from .model import InputError
+from .page import add_page_routes, page_response, wants_html
 from .state import ServingState
 
 if TYPE_CHECKING:
@@ -330,8 +333,10 @@ def create_app(
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> dict:
+    @app.get("/", include_in_schema=False, response_model=None)
+    async def index(request: Request) -> dict | Response:
+        if wants_html(request):  # a browser: the photo-check page (page/)
+            return page_response()
         return {
             "model_name": settings.model_name,
             "model_version": state.model.version,
@@ -343,6 +348,8 @@ def create_app(
                 *(["/similar"] if state.similar is not None else []),
             ],
         }
+
+    add_page_routes(app, state)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
