@@ -27,7 +27,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The browser tests (tests/test_pages.py) drive Debian's chromium through chromedriver; CI runs as root.
 test: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
