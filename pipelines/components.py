@@ -50,12 +50,46 @@ def clean_photos(raw: Input[Dataset], size: int, cleaned: Output[Dataset], repor
 
 
 @component
+def frozen_test_set(model_name: str, frozen: Output[Artifact]) -> int:
+    """The registered model's frozen evaluation set (content hashes), or an empty file before its first promotion."""
+    import json
+    from pathlib import Path
+
+    from shopvision.components.evaluation_set import fetch_frozen_set
+
+    found = fetch_frozen_set(model_name, Path(frozen.path))
+    if found is None:
+        Path(frozen.path).write_text("{}\n")
+        return 0
+    return len(json.loads(Path(frozen.path).read_text()).get("photos", {}))
+
+
+@component
 def split_photos(
-    cleaned: Input[Dataset], val_fraction: float, test_fraction: float, seed: int, splits: Output[Dataset]
+    cleaned: Input[Dataset],
+    frozen: Input[Artifact],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    lookalike_similarity: float,
+    max_group_share: float,
+    splits: Output[Dataset],
 ) -> str:
     from shopvision.components.split import split, summary
 
-    return summary(split(cleaned.path, splits.path, val=val_fraction, test=test_fraction, seed=seed))
+    result = split(
+        cleaned.path,
+        splits.path,
+        val=val_fraction,
+        test=test_fraction,
+        seed=seed,
+        lookalike="embedding" if lookalike_similarity > 0 else "none",
+        similarity=lookalike_similarity if lookalike_similarity > 0 else 1.0,
+        max_group_share=max_group_share,
+        frozen=frozen.path,
+    )
+    splits.metadata.update({s: sum(c[s] for c in result.counts.values()) for s in ("train", "val", "test")})
+    return summary(result)
 
 
 @component
@@ -138,7 +172,7 @@ def evaluate_model(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
 ) -> float:
-    """Top-5 predictions and metrics on the test split; logged to the training run."""
+    """Top-5 predictions and metrics on the test split, the threshold chosen on val; logged to the run."""
     import json
     from pathlib import Path
 
@@ -150,7 +184,7 @@ def evaluate_model(
         taxonomy.write_text(taxonomy_csv)
     result = evaluate(
         f"{model.path}/model_best",
-        Path(data.path) / "test",
+        Path(data.path),
         Path(evaluation.path),
         taxonomy=taxonomy,
         target_accuracy=target_accuracy,
@@ -174,15 +208,16 @@ def register_model(run_id: str, model_name: str, evaluation: Input[Artifact]) ->
 
 @component
 def promote_model(
-    model_name: str, version: str, data: Input[Dataset], min_gain: float, min_accuracy: float
+    model_name: str, version: str, data: Input[Dataset], min_gain: float, min_accuracy: float, alpha: float
 ) -> NamedTuple("PromoteOutputs", [("promoted", bool), ("champion", str)]):
+    """The gate on the registered model's frozen evaluation set (fixed by its first promotion)."""
     from collections import namedtuple
     from pathlib import Path
 
     from shopvision.components.promotion import promote, promote_summary
 
     decision = promote(
-        model_name, version, Path(data.path) / "test", min_gain=min_gain, min_accuracy=min_accuracy
+        model_name, version, Path(data.path), min_gain=min_gain, min_accuracy=min_accuracy, alpha=alpha
     )
     print(promote_summary(decision))
     champion = decision.candidate_version if decision.promoted else (decision.champion_version or "")

@@ -46,6 +46,8 @@ def training_pipeline(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 0,
+    lookalike_similarity: float = 0.82,
+    max_group_share: float = 0.5,
     percentile: float = 98.0,
     augmentations: str = "mirror,rot_cw,rot_ccw,grain",
     rotation_angle: float = 15.0,
@@ -69,6 +71,7 @@ def training_pipeline(
     target_accuracy: float = 0.95,
     min_gain: float = 0.0,
     min_accuracy: float = 0.0,
+    alpha: float = 0.05,
     audit: bool = False,
     audit_k: int = 10,
     audit_min_share: float = 0.6,
@@ -84,12 +87,19 @@ def training_pipeline(
         secrets=True,
     )
     cleaned = _cluster_settings(c.clean_photos(raw=fetched.outputs["raw"], size=image_size), secrets=False)
+    # The photos the registered model's champion was judged on stay in test in every later run.
+    frozen = _cluster_settings(c.frozen_test_set(model_name=model_name), secrets=True).set_caching_options(
+        False
+    )  # the registry changes between runs
     splits = _cluster_settings(
         c.split_photos(
             cleaned=cleaned.outputs["cleaned"],
+            frozen=frozen.outputs["frozen"],
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             seed=split_seed,
+            lookalike_similarity=lookalike_similarity,
+            max_group_share=max_group_share,
         ),
         secrets=False,
     )
@@ -168,6 +178,7 @@ def training_pipeline(
             data=splits.outputs["splits"],
             min_gain=min_gain,
             min_accuracy=min_accuracy,
+            alpha=alpha,
         ),
         secrets=True,
     ).set_caching_options(False)

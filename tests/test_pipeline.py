@@ -5,6 +5,8 @@ The S3 endpoint is moto's server, a real HTTP S3 implementation started by the t
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import signal
@@ -28,6 +30,7 @@ STEPS = [
     "fingerprint-data",
     "fetch-photos",
     "clean-photos",
+    "frozen-test-set",
     "split-photos",
     "balance-photos",
     "augment-photos",
@@ -238,3 +241,24 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
         audit_dir / "report" / "mislabelled.csv"
     ).is_file()
     assert "deploy-model" not in tasks  # deploy is off for local runs
+
+    # The first promotion froze the test photos; the training run's own photos are not among them.
+    run_root = next((tmp_path / "work" / "pipeline-root").iterdir())
+    manifest = json.loads((run_root / "split-photos" / "splits" / "split.json").read_text())["photos"]
+    frozen = {e["sha256"] for e in manifest if e["split"] == "test"}
+    trained_on = {e["sha256"][:16] for e in manifest if e["split"] != "test"}
+    registered = client.get_registered_model("pipeline-test")
+    assert registered.tags["evaluation_set.photos"] == str(len(frozen)) and frozen
+    listed = client.download_artifacts(champion.run_id, "data/training_photos.txt.gz", str(tmp_path / "dl"))
+    with gzip.open(listed, "rt") as handle:
+        assert set(handle.read().split()) == trained_on
+    # A second run that re-splits with another seed keeps every frozen photo (and its group) in test,
+    # and its gate scores on exactly that set.
+    again = run_locally({**arguments, "split_seed": 5, "audit": False}, tmp_path / "work2")
+    second_root = next((tmp_path / "work2" / "pipeline-root").iterdir())
+    second = json.loads((second_root / "split-photos" / "splits" / "split.json").read_text())
+    assert {e["sha256"] for e in second["photos"] if e["split"] == "test"} >= frozen
+    assert second["frozen"] == {"photos": len(frozen), "found": len(frozen), "missing": 0}
+    candidate = client.get_model_version("pipeline-test", "2")
+    assert candidate.tags["promotion.evaluation_photos"] == str(len(frozen))
+    assert again["champion_version"] in ("1", "2")

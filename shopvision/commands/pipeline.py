@@ -39,10 +39,24 @@ def _run(args: argparse.Namespace) -> None:
         )
         if report.get(key) is not None
     )
+    photos = report.get("evaluation_photos") or report.get("test_images")
+    threshold = report.get("confidence_threshold")
     print(
         f"pipeline: champion {report['model_name']} version {report['champion_version']} "
         f"({scores}) after {report['seconds']} s\n"
-        f"  MLflow:    {report['tracking_uri']}\n  artifacts: {report['artifacts']}"
+        + (
+            f"  judged on: {int(float(photos))} test photos, kept apart from training by look-alike group "
+            "(the registered model's frozen evaluation set)\n"
+            if photos
+            else ""
+        )
+        + (f"  gate:      {report['promotion']}\n" if report.get("promotion") else "")
+        + (
+            f"  threshold: {threshold} (chosen on validation photos)\n"
+            if threshold
+            else "  threshold: the server default 0.5 (too few validation photos to choose one)\n"
+        )
+        + f"  MLflow:    {report['tracking_uri']}\n  artifacts: {report['artifacts']}"
     )
     (Path(args.workdir) / "champion.json").write_text(json.dumps(report, indent=1) + "\n")
 
