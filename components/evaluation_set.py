@@ -4,8 +4,9 @@ A gate is only as good as its test photos. If every pipeline run re-split the da
 and the candidate would each be scored on photos the other may have trained on, and a "better"
 candidate could just be one that saw more of the test set. So:
 
-- The first promotion of a registered model freezes the content hashes (SHA-256 of the raw photo,
-  as `split.json` lists them) of the test photos it was scored on, with their categories, in a JSON
+- The first promotion of a registered model that reaches a decision (promoted or not) freezes the
+  content hashes (SHA-256 of the raw photo, as `split.json` lists them) of the test photos it was
+  scored on (less any a model there trained on), with their categories, in a JSON
   file `{"model", "created_version", "fingerprint", "photos": {sha256: category}}`. It is logged to
   the candidate version's source run (`evaluation_set/<fingerprint[:16]>/frozen_test_set.json`, a new
   path per content, so a stored file never changes) and the registered model's tags point to it:

@@ -221,6 +221,8 @@ def promote(
             pool = scoring_pool(photos, stored)
             full, unreadable = score(version, pool)
             candidate = full.restricted(hashes)
+            if not candidate.right:
+                raise StepError(f"none of the {len(hashes)} photos of {name}'s evaluation set could be read")
             champion, champion_error = None, None
             if champion_version is not None:
                 try:
@@ -257,6 +259,8 @@ def promote(
             raise StepError(f"{name}'s @{CHAMPION} kept moving while it was being scored; no alias moved")
         notes += checked
         lease.ensure_held()
+        if evaluation.changed:  # before any alias moves: a set that failed to store moves nothing
+            store_frozen_set(client, name, evaluation.frozen, version, candidate_run)
         previous = now.get(PREVIOUS)
         if promoted:
             # @previous first: if the second call fails, @champion still names a working version.
@@ -264,8 +268,6 @@ def promote(
                 client.set_registered_model_alias(name, PREVIOUS, champion_version)
                 previous = champion_version
             client.set_registered_model_alias(name, CHAMPION, version)
-        if evaluation.changed:
-            store_frozen_set(client, name, evaluation.frozen, version, candidate_run)
         decision = PromotionDecision(
             name=name,
             candidate_version=version,
