@@ -38,12 +38,16 @@ def fetch_photos(location: str, s3_endpoint: str, data_fingerprint: str, raw: Ou
 
 
 @component
-def clean_photos(raw: Input[Dataset], size: int, cleaned: Output[Dataset], report: Output[Artifact]) -> str:
+def clean_photos(
+    raw: Input[Dataset], size: int, corrections: str, cleaned: Output[Dataset], report: Output[Artifact]
+) -> str:
+    """Clean the raw photos; `corrections` is a reviewer's corrections.csv as text (empty: none)."""
     import shutil
 
     from shopvision.components.clean import REPORT_NAME, clean, summary
+    from shopvision.components.corrections import corrections_parameter
 
-    result = clean(raw.path, cleaned.path, size=size)
+    result = clean(raw.path, cleaned.path, size=size, corrections=corrections_parameter(corrections))
     shutil.copyfile(f"{cleaned.path}/{REPORT_NAME}", report.path)
     cleaned.metadata.update(result.totals())
     return summary(result)
@@ -208,7 +212,13 @@ def register_model(run_id: str, model_name: str, evaluation: Input[Artifact]) ->
 
 @component
 def promote_model(
-    model_name: str, version: str, data: Input[Dataset], min_gain: float, min_accuracy: float, alpha: float
+    model_name: str,
+    version: str,
+    data: Input[Dataset],
+    min_gain: float,
+    min_accuracy: float,
+    alpha: float,
+    allow_unknown_training_data: bool,
 ) -> NamedTuple("PromoteOutputs", [("promoted", bool), ("champion", str)]):
     """The gate on the registered model's frozen evaluation set (fixed by its first promotion)."""
     from collections import namedtuple
@@ -217,7 +227,14 @@ def promote_model(
     from shopvision.components.promotion import promote, promote_summary
 
     decision = promote(
-        model_name, version, Path(data.path), min_gain=min_gain, min_accuracy=min_accuracy, alpha=alpha
+        model_name,
+        version,
+        Path(data.path),
+        min_gain=min_gain,
+        min_accuracy=min_accuracy,
+        alpha=alpha,
+        allow_unknown_training_data=allow_unknown_training_data,
+        notify=print,
     )
     print(promote_summary(decision))
     champion = decision.candidate_version if decision.promoted else (decision.champion_version or "")

@@ -72,6 +72,8 @@ def training_pipeline(
     min_gain: float = 0.0,
     min_accuracy: float = 0.0,
     alpha: float = 0.05,
+    allow_unknown_training_data: bool = False,
+    corrections: str = "",
     audit: bool = False,
     audit_k: int = 10,
     audit_min_share: float = 0.6,
@@ -86,7 +88,9 @@ def training_pipeline(
         c.fetch_photos(location=data_location, s3_endpoint=s3_endpoint, data_fingerprint=fingerprint.output),
         secrets=True,
     )
-    cleaned = _cluster_settings(c.clean_photos(raw=fetched.outputs["raw"], size=image_size), secrets=False)
+    cleaned = _cluster_settings(
+        c.clean_photos(raw=fetched.outputs["raw"], size=image_size, corrections=corrections), secrets=False
+    )
     # The photos the registered model's champion was judged on stay in test in every later run.
     frozen = _cluster_settings(c.frozen_test_set(model_name=model_name), secrets=True).set_caching_options(
         False
@@ -179,6 +183,8 @@ def training_pipeline(
             min_gain=min_gain,
             min_accuracy=min_accuracy,
             alpha=alpha,
+            # once, to promote past a champion trained before runs recorded their photos
+            allow_unknown_training_data=allow_unknown_training_data,
         ),
         secrets=True,
     ).set_caching_options(False)

@@ -251,6 +251,7 @@ def test_register_tags_data_metrics_code_and_the_threshold(registry, test_dir, t
         test_dir,
         out,
         target_accuracy=0.5,
+        threshold_data=test_dir,  # the tag plumbing is under test here, not where the threshold came from
         run_id=run_id,
         tracking_uri=registry.url,
         device="cpu",

@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> None:
         + (
             f"  threshold: {threshold} (chosen on validation photos)\n"
             if threshold
-            else "  threshold: the server default 0.5 (too few validation photos to choose one)\n"
+            else "  threshold: the server default 0.5 (none chosen on the validation photos: see evaluate's warning)\n"
         )
         + f"  MLflow:    {report['tracking_uri']}\n  artifacts: {report['artifacts']}"
     )
