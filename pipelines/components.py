@@ -252,14 +252,20 @@ def deploy_model(model_name: str, namespace: str, deployment: str, kind: str) ->
 def audit_catalogue(
     model: Input[Model],
     cleaned: Input[Dataset],
+    run_id: str,
     k: int,
     min_share: float,
     index: Output[Artifact],
     report: Output[Artifact],
 ) -> str:
-    """Embeddings of every cleaned photo, then likely mislabelled listings and confusable categories."""
+    """Embeddings of every cleaned photo, then likely mislabelled listings and confusable categories;
+    the review page (report.html) goes to the training run, beside the evaluation's report."""
     from shopvision.components.audit import audit, summary
+    from shopvision.components.audit_report import log_audit_report
     from shopvision.components.features import extract_features
 
     extract_features(f"{model.path}/model_best", cleaned.path, index.path)
-    return summary(audit(index.path, report.path, k=k, min_share=min_share))
+    result = summary(audit(index.path, report.path, k=k, min_share=min_share))
+    if run_id:
+        log_audit_report(run_id, report.path)
+    return result

@@ -162,10 +162,11 @@ def training_pipeline(
             c.audit_catalogue(
                 model=trained.outputs["model"],
                 cleaned=cleaned.outputs["cleaned"],
+                run_id=trained.outputs["run_id"],
                 k=audit_k,
                 min_share=audit_min_share,
             ),
-            secrets=False,
+            secrets=True,  # it logs its report to the training run
         )
     registered = _cluster_settings(
         c.register_model(

@@ -241,6 +241,8 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
         audit_dir / "report" / "mislabelled.csv"
     ).is_file()
     assert "deploy-model" not in tasks  # deploy is off for local runs
+    logged = {a.path for a in client.list_artifacts(champion.run_id, "audit")}
+    assert "audit/report.html" in logged  # the review page beside the evaluation's report
 
     # The first promotion froze the test photos; the training run's own photos are not among them.
     run_root = next((tmp_path / "work" / "pipeline-root").iterdir())
