@@ -43,7 +43,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shopvision.components.clean import REPORT_NAME, clean
+from shopvision.components.data.clean import REPORT_NAME, clean
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RAW = REPO_ROOT.parent / "shared" / "datasets" / "grocery-store" / "raw"

@@ -105,8 +105,8 @@ def register_model(folder: Path, arch: str, image_size: int) -> str:
     import mlflow
     import torch
 
-    from shopvision.components.models import ModelSpec, build_model, save_classifier
-    from shopvision.components.tracking import log_classifier
+    from shopvision.components.training.models import ModelSpec, build_model, save_classifier
+    from shopvision.components.training.tracking import log_classifier
 
     labels = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
     spec = ModelSpec(arch, labels, image_size=image_size)

@@ -38,8 +38,8 @@ def _probe(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np
 
 
 def main() -> None:
-    from shopvision.components.lookalike import embed_photos, links_within_categories
-    from shopvision.components.split import cleaned_photos, group_photos, split_of
+    from shopvision.components.data.lookalike import embed_photos, links_within_categories
+    from shopvision.components.data.split import cleaned_photos, group_photos, split_of
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cleaned", nargs="?", type=Path)

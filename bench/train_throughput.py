@@ -37,11 +37,16 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from shopvision.components import distributed
-from shopvision.components.clean import clean
-from shopvision.components.models import ModelSpec, eval_transform, train_transform
-from shopvision.components.train import TrainConfig, autocast_factory, build_training_model, train_one_epoch
-from shopvision.components.train_data import loaders
+from shopvision.components.data.clean import clean
+from shopvision.components.training import distributed
+from shopvision.components.training.models import ModelSpec, eval_transform, train_transform
+from shopvision.components.training.train import (
+    TrainConfig,
+    autocast_factory,
+    build_training_model,
+    train_one_epoch,
+)
+from shopvision.components.training.train_data import loaders
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GROCERY = REPO_ROOT.parent / "shared" / "datasets" / "grocery-store" / "raw"

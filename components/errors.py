@@ -1,4 +1,7 @@
-"""The one exception type a step raises for bad input; the CLI prints it as a message, not a traceback."""
+"""The one exception type a step raises for bad input; the CLI prints it as a message, not a traceback.
+
+Every stage raises it, so it sits in components/ itself and imports nothing.
+"""
 
 
 class StepError(Exception):

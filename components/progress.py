@@ -1,4 +1,7 @@
-"""A dependency-free progress bar for long steps: redraws on a terminal, logs every 10% otherwise."""
+"""A dependency-free progress bar for long steps: redraws on a terminal, logs every 10% otherwise.
+
+Shared by every stage, so it sits in components/ itself and imports nothing of the stages.
+"""
 
 from __future__ import annotations
 

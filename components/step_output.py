@@ -1,4 +1,5 @@
-"""A step's output folder and the CSV text written into it, shared by the steps that write folders."""
+"""A step's output folder and the CSV text written into it, shared by the steps of every stage that
+write folders (data, evaluation, similarity); here in components/ itself, with errors and progress."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def submit(
 
 def taxonomy_argument(path: Path) -> str:
     """The pipeline's `taxonomy_csv` parameter from a file, checked now rather than after training."""
-    from shopvision.components.evaluate import read_taxonomy
+    from shopvision.components.evaluation.evaluate import read_taxonomy
 
     read_taxonomy(path)  # a clear StepError for a missing or malformed file
     return Path(path).read_text(encoding="utf-8-sig")

@@ -23,14 +23,14 @@ def component(func):
 @component
 def fingerprint_data(location: str, s3_endpoint: str) -> str:
     """Content fingerprint of the raw photos; never cached, it is what makes the cache honest."""
-    from shopvision.components.fetch import fingerprint_location
+    from shopvision.components.data.fetch import fingerprint_location
 
     return fingerprint_location(location, s3_endpoint or None)
 
 
 @component
 def fetch_photos(location: str, s3_endpoint: str, data_fingerprint: str, raw: Output[Dataset]) -> int:
-    from shopvision.components.fetch import fetch_photos as fetch
+    from shopvision.components.data.fetch import fetch_photos as fetch
 
     raw.metadata["data_fingerprint"] = data_fingerprint
     raw.metadata["location"] = location
@@ -44,8 +44,8 @@ def clean_photos(
     """Clean the raw photos; `corrections` is a reviewer's corrections.csv as text (empty: none)."""
     import shutil
 
-    from shopvision.components.clean import REPORT_NAME, clean, summary
-    from shopvision.components.corrections import corrections_parameter
+    from shopvision.components.data.clean import REPORT_NAME, clean, summary
+    from shopvision.components.data.corrections import corrections_parameter
 
     result = clean(raw.path, cleaned.path, size=size, corrections=corrections_parameter(corrections))
     shutil.copyfile(f"{cleaned.path}/{REPORT_NAME}", report.path)
@@ -59,7 +59,7 @@ def frozen_test_set(model_name: str, frozen: Output[Artifact]) -> int:
     import json
     from pathlib import Path
 
-    from shopvision.components.evaluation_set import fetch_frozen_set
+    from shopvision.components.registry.evaluation_set import fetch_frozen_set
 
     found = fetch_frozen_set(model_name, Path(frozen.path))
     if found is None:
@@ -79,7 +79,7 @@ def split_photos(
     max_group_share: float,
     splits: Output[Dataset],
 ) -> str:
-    from shopvision.components.split import split, summary
+    from shopvision.components.data.split import split, summary
 
     result = split(
         cleaned.path,
@@ -98,7 +98,7 @@ def split_photos(
 
 @component
 def balance_photos(splits: Input[Dataset], percentile: float, balanced: Output[Dataset]) -> str:
-    from shopvision.components.balance import balance, summary
+    from shopvision.components.data.balance import balance, summary
 
     result = balance(splits.path, balanced.path, percentile=percentile)
     balanced.metadata["target"] = result.target
@@ -109,7 +109,7 @@ def balance_photos(splits: Input[Dataset], percentile: float, balanced: Output[D
 def augment_photos(
     balanced: Input[Dataset], augmentations: str, angle: float, seed: int, augmented: Output[Dataset]
 ) -> str:
-    from shopvision.components.augment import augment, summary
+    from shopvision.components.data.augment import augment, summary
 
     operations = [op.strip() for op in augmentations.split(",") if op.strip()]
     return summary(augment(balanced.path, augmented.path, operations=operations, angle=angle, seed=seed))
@@ -137,7 +137,7 @@ def train_model(
     import json
     from collections import namedtuple
 
-    from shopvision.components.train_launch import train_in_pipeline
+    from shopvision.components.cluster.train_launch import train_in_pipeline
 
     record = train_in_pipeline(
         data=data.path,
@@ -180,7 +180,7 @@ def evaluate_model(
     import json
     from pathlib import Path
 
-    from shopvision.components.evaluate import evaluate, headline_metrics, summary
+    from shopvision.components.evaluation.evaluate import evaluate, headline_metrics, summary
 
     taxonomy = None
     if taxonomy_csv:
@@ -203,7 +203,7 @@ def evaluate_model(
 
 @component
 def register_model(run_id: str, model_name: str, evaluation: Input[Artifact]) -> str:
-    from shopvision.components.registry import register, register_summary
+    from shopvision.components.registry.register import register, register_summary
 
     result = register(run_id, model_name, test_metrics=f"{evaluation.path}/metrics.json")
     print(register_summary(result))
@@ -224,7 +224,7 @@ def promote_model(
     from collections import namedtuple
     from pathlib import Path
 
-    from shopvision.components.promotion import promote, promote_summary
+    from shopvision.components.registry.promotion import promote, promote_summary
 
     decision = promote(
         model_name,
@@ -243,7 +243,7 @@ def promote_model(
 
 @component
 def deploy_model(model_name: str, namespace: str, deployment: str, kind: str) -> str:
-    from shopvision.components.deploy import deploy
+    from shopvision.components.cluster.deploy import deploy
 
     return str(deploy(model_name, "champion", namespace=namespace, target=deployment, kind=kind))
 
@@ -260,9 +260,9 @@ def audit_catalogue(
 ) -> str:
     """Embeddings of every cleaned photo, then likely mislabelled listings and confusable categories;
     the review page (report.html) goes to the training run, beside the evaluation's report."""
-    from shopvision.components.audit import audit, summary
-    from shopvision.components.audit_report import log_audit_report
-    from shopvision.components.features import extract_features
+    from shopvision.components.similarity.audit import audit, summary
+    from shopvision.components.similarity.audit_report import log_audit_report
+    from shopvision.components.similarity.features import extract_features
 
     extract_features(f"{model.path}/model_best", cleaned.path, index.path)
     result = summary(audit(index.path, report.path, k=k, min_share=min_share))

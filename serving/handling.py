@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from shopvision.components.images import ImageDecodeError
+from shopvision.components.data.images import ImageDecodeError
 
 from .batcher import NotRunning, Overloaded
 from .protocol import ProtocolError

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shopvision.components.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from shopvision.components.models import eval_transform, load_classifier
+from shopvision.components.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from shopvision.components.training.models import eval_transform, load_classifier
 
 from .settings import DEFAULT_MAX_ASPECT_RATIO
 

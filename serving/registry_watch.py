@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from shopvision.components.errors import StepError
-from shopvision.components.model_source import resolve_model_dir
+from shopvision.components.training.model_source import resolve_model_dir
 
 from .metrics import ServingMetrics
 from .model import THRESHOLD_TAG, PhotoClassifier

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shopvision.components.features import (
+from shopvision.components.data.images import DEFAULT_MAX_PIXELS, decode_image
+from shopvision.components.similarity.features import (
     embed_images,
     load_index,
     load_index_model,
     neighbours_of,
     search,
 )
-from shopvision.components.images import DEFAULT_MAX_PIXELS, decode_image
 
 from .model import check_aspect_ratio, pick_device
 from .settings import DEFAULT_MAX_ASPECT_RATIO

@@ -18,7 +18,7 @@ def sample_raw() -> Path:
 @pytest.fixture(scope="session")
 def cleaned_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample cleaned once at 64 px for the tests of later steps (read-only for them)."""
-    from shopvision.components.clean import clean
+    from shopvision.components.data.clean import clean
 
     out = tmp_path_factory.mktemp("sample") / "clean"
     clean(SAMPLE_RAW, out, size=64, workers=2)

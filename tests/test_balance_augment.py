@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shopvision.components.augment import augment, rotate_edge_filled
-from shopvision.components.balance import balance, balance_target, source_of_copy
+from shopvision.components.data.augment import augment, rotate_edge_filled
+from shopvision.components.data.balance import balance, balance_target, source_of_copy
+from shopvision.components.data.split import split
 from shopvision.components.errors import StepError
-from shopvision.components.split import split
 
 
 def _textured(path: Path, seed: int, size=(40, 30)) -> None:

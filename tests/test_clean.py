@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from shopvision.components.clean import REPORT_NAME, STAGING_NAME, CleanError, CleanResult, clean
+from shopvision.components.data.clean import REPORT_NAME, STAGING_NAME, CleanError, CleanResult, clean
 
 SIZE = 64
 MAX_PIXELS = 50_000_000
@@ -536,7 +536,7 @@ def test_leftovers_of_a_crashed_run_are_swept(small_raw, tmp_path):
 _CRASHING_CHILD = textwrap.dedent(
     """
     import os, sys
-    from shopvision.components.clean import clean
+    from shopvision.components.data.clean import clean
 
     raw, out, size, limit = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     real_replace, calls = os.replace, [0]

@@ -36,11 +36,15 @@ import pytest
 import yaml
 from kubernetes import client
 
-from shopvision.components import job_watch as ct
+from shopvision.components.cluster import job_watch as ct
+from shopvision.components.cluster.job_failures import pod_problems
+from shopvision.components.cluster.job_watch import Interrupted, job_state, run_cluster_job
+from shopvision.components.cluster.training_jobs import (
+    pytorchjob_manifest,
+    torchrun_command,
+    trainjob_manifest,
+)
 from shopvision.components.errors import StepError
-from shopvision.components.job_failures import pod_problems
-from shopvision.components.job_watch import Interrupted, job_state, run_cluster_job
-from shopvision.components.training_jobs import pytorchjob_manifest, torchrun_command, trainjob_manifest
 
 CRDS = Path(__file__).parent / "crds" / "training"
 NAMESPACE = "shopvision"
@@ -355,7 +359,7 @@ def test_bad_inputs_are_clear_errors(overrides, message):
 
 
 def test_local_launcher_in_a_pod_without_its_gpus_refuses_to_train_on_the_cpu(tmp_path, monkeypatch):
-    from shopvision.components.train_launch import train_in_pipeline
+    from shopvision.components.cluster.train_launch import train_in_pipeline
 
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # what every pod sees; this machine has no GPU
     common = {"data": str(tmp_path), "out": str(tmp_path / "out"), "nodes": 1, "launcher": "local"}

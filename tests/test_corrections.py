@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_evaluate import shopvision
 
-from shopvision.components.clean import clean
-from shopvision.components.corrections import (
+from shopvision.components.data.clean import clean
+from shopvision.components.data.corrections import (
     CorrectionsError,
     corrections_csv,
     parse_corrections,

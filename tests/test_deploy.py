@@ -27,10 +27,9 @@ from collections.abc import Callable
 import pytest
 from kubernetes import client
 
-from shopvision.components import deploy as deploy_module
-from shopvision.components.deploy import deploy
-from shopvision.components.errors import StepError
-from shopvision.components.rollout import (
+from shopvision.components.cluster import deploy as deploy_module
+from shopvision.components.cluster.deploy import deploy
+from shopvision.components.cluster.rollout import (
     MODEL_VERSION_ANNOTATION,
     Rollout,
     deployment_rollout,
@@ -38,6 +37,7 @@ from shopvision.components.rollout import (
     serving_state,
     with_model,
 )
+from shopvision.components.errors import StepError
 
 NAMESPACE = "shopvision"
 MODEL = "shopvision"

@@ -200,7 +200,7 @@ def ignore_rules() -> list[str]:
         "mlruns/0/meta.yaml",
         "mlflow.db",
         "manifests/base/kustomization.yaml",
-        "components/__pycache__/deploy.cpython-311.pyc",
+        "components/cluster/__pycache__/deploy.cpython-311.pyc",
         "shopvision.egg-info/PKG-INFO",
         "Dockerfile",
     ],

@@ -16,10 +16,10 @@ from tiny_models import constant_model, fitted_model
 
 from shopvision.cli import main
 from shopvision.components.errors import StepError
-from shopvision.components.evaluate import evaluate, find_test_dir, summary
-from shopvision.components.evaluation_plots import plot_confusion_matrix
-from shopvision.components.models import ModelSpec, load_classifier
-from shopvision.components.predict import classify, collect_files, format_table, write_predictions
+from shopvision.components.evaluation.evaluate import evaluate, find_test_dir, summary
+from shopvision.components.evaluation.plots import plot_confusion_matrix
+from shopvision.components.evaluation.predict import classify, collect_files, format_table, write_predictions
+from shopvision.components.training.models import ModelSpec, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 TAXONOMY = REPO / "data" / "sample" / "taxonomy.csv"

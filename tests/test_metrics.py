@@ -21,10 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shopvision.components import metrics as m
 from shopvision.components.errors import StepError
-from shopvision.components.evaluate import CHOOSE_HERE, compute_metrics, headline_metrics, read_taxonomy
-from shopvision.components.predict import PhotoPrediction
+from shopvision.components.evaluation import metrics as m
+from shopvision.components.evaluation.evaluate import (
+    CHOOSE_HERE,
+    compute_metrics,
+    headline_metrics,
+    read_taxonomy,
+)
+from shopvision.components.evaluation.predict import PhotoPrediction
 
 LABELS = ["a", "b", "c"]
 TRUE = ["a", "a", "a", "b", "b", "c"]

@@ -35,13 +35,13 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (make test installs them)",
 )
 
-from shopvision.components.audit import audit  # noqa: E402
-from shopvision.components.clean import clean  # noqa: E402
-from shopvision.components.corrections import read_corrections  # noqa: E402
-from shopvision.components.evaluate import evaluate  # noqa: E402
-from shopvision.components.features import extract_features  # noqa: E402
-from shopvision.components.images import decode_image  # noqa: E402
-from shopvision.components.models import (  # noqa: E402
+from shopvision.components.data.clean import clean  # noqa: E402
+from shopvision.components.data.corrections import read_corrections  # noqa: E402
+from shopvision.components.data.images import decode_image  # noqa: E402
+from shopvision.components.evaluation.evaluate import evaluate  # noqa: E402
+from shopvision.components.similarity.audit import audit  # noqa: E402
+from shopvision.components.similarity.features import extract_features  # noqa: E402
+from shopvision.components.training.models import (  # noqa: E402
     ModelSpec,
     build_model,
     eval_transform,
@@ -49,7 +49,7 @@ from shopvision.components.models import (  # noqa: E402
     load_backbone,
     save_classifier,
 )
-from shopvision.components.weights import fetch_pretrained  # noqa: E402
+from shopvision.components.training.weights import fetch_pretrained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "raw"
@@ -391,7 +391,7 @@ def test_both_reports_are_logged_to_the_mlflow_run(catalogue, evaluation, audite
     """evaluate --run logs report.html with the rest of its folder; the audit's is logged beside it."""
     from mlflow import MlflowClient
 
-    from shopvision.components.audit_report import log_audit_report
+    from shopvision.components.similarity.audit_report import log_audit_report
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -20,9 +20,9 @@ import mlflow
 import pytest
 import yaml
 
+from shopvision.components.data.fetch import fetch_photos, fingerprint_location
 from shopvision.components.errors import StepError
-from shopvision.components.fetch import fetch_photos, fingerprint_location
-from shopvision.components.launch import free_port
+from shopvision.components.training.launch import free_port
 from shopvision.pipelines.cluster import COMPILED, compile_pipeline, parse_arguments
 from shopvision.pipelines.local_run import run_locally
 

@@ -32,19 +32,19 @@ from mlflow_server import start_mlflow_server, stop_mlflow_server
 from tiny_models import constant_model
 
 from shopvision.cli import main
+from shopvision.components.data.split import read_frozen_hashes
 from shopvision.components.errors import StepError
-from shopvision.components.evaluation_set import (
+from shopvision.components.registry.evaluation_set import (
     TAG_CREATED,
     TAG_FINGERPRINT,
     TAG_PHOTOS,
     fetch_frozen_set,
 )
-from shopvision.components.promotion import promote, promote_summary
-from shopvision.components.registry import CHAMPION, PREVIOUS, aliases, register
-from shopvision.components.registry_lease import LEASE_TAG, RegistryLease
-from shopvision.components.significance import paired_comparison
-from shopvision.components.split import read_frozen_hashes
-from shopvision.components.tracking import log_classifier
+from shopvision.components.registry.lease import LEASE_TAG, RegistryLease
+from shopvision.components.registry.promotion import promote, promote_summary
+from shopvision.components.registry.register import CHAMPION, PREVIOUS, aliases, register
+from shopvision.components.registry.significance import paired_comparison
+from shopvision.components.training.tracking import log_classifier
 
 SHOPVISION = Path(sys.executable).parent / "shopvision"
 FAST = {"lease_settle": 0.1, "device": "cpu"}  # one server on loopback: 0.1 s settles any race here

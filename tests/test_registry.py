@@ -31,11 +31,11 @@ from tiny_models import constant_model, fitted_model
 import shopvision
 from shopvision.cli import main
 from shopvision.components.errors import StepError
-from shopvision.components.evaluate import evaluate
-from shopvision.components.promotion import Score, decide, promote
-from shopvision.components.registry import CHAMPION, PREVIOUS, aliases, register
-from shopvision.components.rollback import rollback
-from shopvision.components.tracking import log_classifier
+from shopvision.components.evaluation.evaluate import evaluate
+from shopvision.components.registry.promotion import Score, decide, promote
+from shopvision.components.registry.register import CHAMPION, PREVIOUS, aliases, register
+from shopvision.components.registry.rollback import rollback
+from shopvision.components.training.tracking import log_classifier
 
 COUNTS = {"Banana": 8, "Carrots": 8, "Lemon": 4}  # every other category: 2 photos
 TOTAL = 38

@@ -35,9 +35,9 @@ from mlflow_server import free_port, running_mlflow_server
 from PIL import Image
 from tiny_models import constant_model, fitted_model
 
-from shopvision.components.images import decode_image
-from shopvision.components.models import ModelSpec, eval_transform
-from shopvision.components.tracking import log_classifier
+from shopvision.components.data.images import decode_image
+from shopvision.components.training.models import ModelSpec, eval_transform
+from shopvision.components.training.tracking import log_classifier
 
 NAME = "shopvision-serving-test"
 SERVED_AS = NAME  # the OIP name defaults to the registered model's name

@@ -39,8 +39,8 @@ from PIL import Image
 from test_serving import metric, png_bytes, serve_process, wait_ready
 from tiny_models import fitted_model
 
-from shopvision.components.features import extract_features
-from shopvision.components.images import ImageDecodeError, decode_image
+from shopvision.components.data.images import ImageDecodeError, decode_image
+from shopvision.components.similarity.features import extract_features
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "raw"
 CATEGORIES = ["Banana", "Kiwi", "Lemon", "Pineapple"]
@@ -295,7 +295,7 @@ def test_parsed_json_is_counted_against_the_json_budget(servers, memory):
     )
     assert (why := refused(response, 413, "--json-budget-mb", "binary")) is None, why
     # A real FP32 request (one preprocessed photo) fits and answers what the photo's bytes answer.
-    from shopvision.components.models import ModelSpec, eval_transform
+    from shopvision.components.training.models import ModelSpec, eval_transform
 
     spec = ModelSpec.from_json((servers["folder"] / "model" / "model_spec.json").read_text())
     pixels = eval_transform(spec)(decode_image(photo("Lemon", 2).read_bytes()).image).numpy()

@@ -23,9 +23,9 @@ import torch
 from mlflow_server import free_port
 from test_serving import metric, png_bytes, serve_process, shopvision_exe, wait_ready
 
-from shopvision.components.features import extract_features
-from shopvision.components.models import ModelSpec, build_model, save_classifier
-from shopvision.components.similar import find_similar
+from shopvision.components.similarity.features import extract_features
+from shopvision.components.similarity.similar import find_similar
+from shopvision.components.training.models import ModelSpec, build_model, save_classifier
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "raw"
 CATEGORIES = ["Banana", "Kiwi", "Lemon", "Pineapple"]

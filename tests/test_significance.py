@@ -18,8 +18,8 @@ import itertools
 
 import pytest
 
-from shopvision.components.promotion_gate import Score, compare, decide, training_refusal
-from shopvision.components.significance import (
+from shopvision.components.registry.promotion_gate import Score, compare, decide, training_refusal
+from shopvision.components.registry.significance import (
     binomial_cdf,
     clopper_pearson,
     mcnemar_p_value,

@@ -21,19 +21,19 @@ import pytest
 import torch
 from PIL import Image
 
-from shopvision.components.audit import (
+from shopvision.components.data.images import decode_image
+from shopvision.components.errors import StepError
+from shopvision.components.similarity.audit import (
     CategoryPair,
     audit,
     confusable_pairs,
     find_mislabelled,
     other_listing_neighbours,
 )
-from shopvision.components.embedding_index import load_index, load_index_model, search
-from shopvision.components.errors import StepError
-from shopvision.components.features import embed_images, extract_features
-from shopvision.components.images import decode_image
-from shopvision.components.models import ModelSpec, build_model, save_classifier
-from shopvision.components.similar import find_similar
+from shopvision.components.similarity.embedding_index import load_index, load_index_model, search
+from shopvision.components.similarity.features import embed_images, extract_features
+from shopvision.components.similarity.similar import find_similar
+from shopvision.components.training.models import ModelSpec, build_model, save_classifier
 
 # (source photo, the category it is wrongly filed under as another seller's listing)
 MISFILED = [

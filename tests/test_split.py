@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from shopvision.components.clean import clean
-from shopvision.components.errors import StepError
-from shopvision.components.naming import product_id
-from shopvision.components.split import (
+from shopvision.components.data.clean import clean
+from shopvision.components.data.naming import product_id
+from shopvision.components.data.split import (
     SplitPhoto,
     SplitResult,
     assign_splits,
@@ -17,6 +16,7 @@ from shopvision.components.split import (
     split,
     split_of,
 )
+from shopvision.components.errors import StepError
 
 
 def _photos(root: Path) -> dict[str, set[str]]:

@@ -24,17 +24,18 @@ import pytest
 import torch
 from mlflow_server import free_port, running_mlflow_server
 
+from shopvision.components.data.fingerprint import data_fingerprint
+from shopvision.components.data.images import decode_image
 from shopvision.components.errors import StepError
-from shopvision.components.images import decode_image
-from shopvision.components.model_source import resolve_model_dir
-from shopvision.components.models import (
+from shopvision.components.training.model_source import resolve_model_dir
+from shopvision.components.training.models import (
     ModelSpec,
     build_model,
     eval_transform,
     load_classifier,
     save_classifier,
 )
-from shopvision.components.tracking import check_tracking_server, data_fingerprint, log_classifier
+from shopvision.components.training.tracking import check_tracking_server, log_classifier
 
 LABELS = ["Avocado", "Banana", "Kiwi"]
 REGISTERED = "shopvision-test"

@@ -19,13 +19,13 @@ import mlflow
 import pytest
 import torch
 
-from shopvision.components import checkpoints
+from shopvision.components.data.split import split
 from shopvision.components.errors import StepError
-from shopvision.components.launch import free_port
-from shopvision.components.model_source import resolve_model_dir
-from shopvision.components.models import load_classifier
-from shopvision.components.split import split
-from shopvision.components.train import TrainConfig, is_better, run, top_k_correct
+from shopvision.components.training import checkpoints
+from shopvision.components.training.launch import free_port
+from shopvision.components.training.model_source import resolve_model_dir
+from shopvision.components.training.models import load_classifier
+from shopvision.components.training.train import TrainConfig, is_better, run, top_k_correct
 
 FAST = ["--depth", "18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--lr", "0.05"]
 

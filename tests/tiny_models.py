@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from shopvision.components.images import decode_image
-from shopvision.components.models import (
+from shopvision.components.data.images import decode_image
+from shopvision.components.training.models import (
     ModelSpec,
     build_model,
     eval_transform,

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from .errors import StepError
+from ..errors import StepError
 from .kube_api import kube_api_client, poll_until
 from .rollout import MODEL_VERSION_ANNOTATION, Rollout, ServingState, with_model
 from .serving_workloads import KINDS, Conflict, Workload, rollout_problems, workload_for

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import StepError
+from ..errors import StepError
 from .job_failures import condition_text, failure_details
 from .kube_api import REQUEST_TIMEOUT_S, api_message, http_status, poll_until
 from .training_jobs import JOB_KINDS, JobKind

@@ -1,5 +1,8 @@
 """What the deploy step and cluster training share when they talk to the Kubernetes API.
 
+The deploy step and the train launcher make their API client here; no module outside cluster/ imports
+the Kubernetes client (tests/test_layout.py checks it).
+
 An API client from the pod's service account or kubeconfig, what an API error says (its HTTP status
 and the API server's own message), and polling an object until it is done or a deadline passes.
 """
@@ -11,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
-from .errors import StepError
+from ..errors import StepError
 
 REQUEST_TIMEOUT_S = 30  # one API call; a watch as a whole is bounded by its own timeout
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import StepError
+from ..errors import StepError
 
 MODEL_VERSION_ANNOTATION = "shopvision.io/model-version"
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .errors import StepError
+from ..errors import StepError
 from .kube_api import status_message
 from .rollout import (
     MODEL_VERSION_ANNOTATION,

@@ -17,8 +17,8 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-from .errors import StepError
-from .train_record import RUN_FILE
+from ..errors import StepError
+from ..training.train_record import RUN_FILE
 
 LAUNCHERS = ("local", "trainjob", "pytorchjob")
 SHARED_MOUNT = "/mnt/shopvision"

@@ -36,7 +36,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import StepError
+from ..errors import StepError
 
 TRAINJOB_RUNTIME = "torch-distributed"
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")

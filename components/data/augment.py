@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import StepError
+from ..progress import Progress
 from .balance import source_of_copy
 from .dataset import carry_split_manifest, category_photos, link_split, prepare_output
-from .errors import StepError
 from .images import ImageDecodeError, decode_image, encode_jpeg
 from .naming import atomic_write_bytes, atomic_write_text, link_or_copy
-from .progress import Progress
 
 MANIFEST = "augment.json"
 OPERATIONS = ("mirror", "rot_cw", "rot_ccw", "grain")

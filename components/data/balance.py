@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import StepError
 from .dataset import carry_split_manifest, category_photos, link_split, prepare_output
-from .errors import StepError
 from .naming import atomic_write_text, link_or_copy
 
 MANIFEST = "balance.json"

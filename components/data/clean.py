@@ -24,8 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import StepError
+from ..progress import Progress
 from .corrections import Corrections, CorrectionsError, apply_corrections, check_categories
-from .errors import StepError
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -37,7 +38,6 @@ from .images import (
 )
 from .naming import IMAGE_SUFFIX, atomic_write_text, safe_stem, source_product_id
 from .near_duplicates import group_duplicates
-from .progress import Progress
 
 REPORT_NAME = "clean_report.json"
 STAGING_NAME = ".clean-staging"

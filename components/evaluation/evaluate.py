@@ -25,21 +25,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.dataset import SPLITS
+from ..data.naming import atomic_write_text, link_or_copy, product_id
+from ..errors import StepError
+from ..step_output import csv_text, prepare_out
 from . import metrics as m
-from .dataset import SPLITS
-from .errors import StepError
-from .evaluation_plots import plot_confusion_matrix, plot_coverage
-from .naming import atomic_write_text, link_or_copy, product_id
+from .outputs import (
+    CONFUSION_PNG,
+    CONFUSIONS_FILE,
+    COVERAGE_FILE,
+    COVERAGE_PNG,
+    METRICS_FILE,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+)
+from .plots import plot_confusion_matrix, plot_coverage
 from .predict import PhotoPrediction, UnreadablePhoto, collect_files, pick_device, predict_files
-from .step_output import csv_text, prepare_out
 
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
-CONFUSIONS_FILE = "confusions.csv"
-CONFUSION_PNG = "confusion_matrix.png"
-COVERAGE_FILE = "coverage.csv"
-COVERAGE_PNG = "coverage.png"
-MODEL_DIR = "model"
 THRESHOLD_KEY = "confidence_threshold"  # spec.extra key, metrics.json key, run tag, model version tag
 DEFAULT_TARGET_ACCURACY = 0.95
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5  # what serving applies when a version carries none
@@ -228,10 +230,10 @@ def evaluate(
     The confidence threshold is chosen on the validation photos (`threshold_data`, or the `val/`
     folder of a split root) and only reported on test; without them no threshold is chosen.
     """
-    from .evaluation_report import write_evaluation_report
-    from .model_source import resolve_model_dir
-    from .models import SPEC_NAME, WEIGHTS_NAME, load_classifier
-    from .tracking import data_fingerprint
+    from ..data.fingerprint import data_fingerprint
+    from ..training.model_source import resolve_model_dir
+    from ..training.models import SPEC_NAME, WEIGHTS_NAME, load_classifier
+    from .report import write_evaluation_report
 
     if not 0.0 < target_accuracy <= 1.0:
         raise StepError(f"--target-accuracy must be in (0, 1], got {target_accuracy}")
@@ -401,8 +403,8 @@ def log_to_run(run_id: str, out: Path, metrics: Mapping, tracking_uri: str | Non
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    from .tracking import check_tracking_server
-    from .train_record import resolve_tracking_uri
+    from ..training.tracking import check_tracking_server
+    from ..training.train_record import resolve_tracking_uri
 
     uri = check_tracking_server(resolve_tracking_uri(tracking_uri))
     client = MlflowClient(tracking_uri=uri)

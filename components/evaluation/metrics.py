@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import StepError
+from ..errors import StepError
 
 # 0.00, 0.01, ..., 0.99: the confidence thresholds of the coverage curve (exact two-decimal values).
 COVERAGE_THRESHOLDS: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(100))

@@ -1,6 +1,6 @@
 """Batch top-k prediction for photo files and folders with a saved classifier.
 
-Photos are decoded with the same safe decoder as every other step (`images.decode_image`) and
+Photos are decoded with the same safe decoder as every other step (`data.images.decode_image`) and
 preprocessed with the model's own `eval_transform`, so a photo gets the same answer here, in
 evaluation and in serving. Decoding runs on a few threads (Pillow and the tensor transforms release
 the GIL) while the network runs batched under `torch.inference_mode`, on the GPU when there is one.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepError
-from .images import ImageDecodeError, decode_image
-from .models import ModelSpec, eval_transform, load_classifier
+from ..data.images import ImageDecodeError, decode_image
+from ..errors import StepError
+from ..training.models import ModelSpec, eval_transform, load_classifier
 
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 64
@@ -155,7 +155,7 @@ def classify(
     progress: Callable[[int, int], None] | None = None,
 ) -> PredictionResult:
     """Resolve and load MODEL (folder, checkpoint or MLflow URI), then predict every photo under PATHS."""
-    from .model_source import resolve_model_dir
+    from ..training.model_source import resolve_model_dir
 
     files = collect_files(paths)
     if not files:
@@ -182,7 +182,7 @@ def prediction_rows(result: PredictionResult) -> list[dict]:
 def write_predictions(result: PredictionResult, target: Path) -> None:
     """`.csv`: one row per photo (unreadable files are left out, the summary names them);
     `.json`: {"predictions": [...], "unreadable": [{"file", "reason", "detail"}], ...}."""
-    from .naming import atomic_write_text
+    from ..data.naming import atomic_write_text
 
     target = Path(target)
     suffix = target.suffix.lower()

@@ -18,13 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluate import (
+from ..data.naming import atomic_write_text
+from .outputs import (
     CONFUSION_PNG,
     COVERAGE_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
 )
-from .naming import atomic_write_text
 from .report_html import esc, figure_uri, img, page, percent, thumbnail_uri, top_list
 
 REPORT_FILE = "report.html"

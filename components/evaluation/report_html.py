@@ -1,4 +1,5 @@
-"""What the HTML reports share: one self-contained page (CSS inline, photos and figures as data URIs),
+"""What the HTML reports share (evaluate's `report.py` here, the audit's `similarity/audit_report.py`,
+which sits above evaluation and imports it): one self-contained page (CSS inline, photos and figures as data URIs),
 escaping, number formats, thumbnails and top-5 bars.
 
 Self-contained because the MLflow UI shows an HTML artifact inside a sandboxed frame made from the
@@ -14,7 +15,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from .images import ImageDecodeError, decode_image, shrink_to_fit
+from ..data.images import ImageDecodeError, decode_image, shrink_to_fit
 
 THUMB_SIZE = 112  # pixels of the longer side: sharp at the 72 px shown on a 1.5x screen
 THUMB_QUALITY = 70  # a report holds a hundred or more of them; they are for recognising, not judging

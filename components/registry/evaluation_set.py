@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StepError
+from ..errors import StepError
 
 FROZEN_SET_FILE = "frozen_test_set.json"
 FROZEN_SET_DIR = "evaluation_set"
@@ -161,7 +161,7 @@ def fetch_frozen_set(name: str, dest: Path, tracking_uri: str | None = None) -> 
     registered model or its set does not exist yet (the pipeline runs this before its first model)."""
     from mlflow.exceptions import MlflowException
 
-    from .registry import connect
+    from .register import connect
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +247,8 @@ def data_photos(data: Path) -> DataPhotos:
     Given the test/ folder of a split root that has a split.json, the root's manifest is read: its
     hashes are the raw photos', which a cleaned file's own hash would not match.
     """
-    from .dataset import SPLITS
-    from .split import MANIFEST, read_split_photos
+    from ..data.dataset import SPLITS
+    from ..data.split import MANIFEST, read_split_photos
 
     data = Path(data)
     if not data.is_dir():

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import StepError
+from ..errors import StepError
 
 LEASE_TAG = "promotion.lease"
 DEFAULT_LEASE_SECONDS = 300.0
@@ -61,7 +61,7 @@ def new_owner() -> str:
 
 def read_lease(client, name: str) -> LeaseRecord | None:
     """The lease tag of NAME; an unreadable tag counts as a stale lease (expires 0)."""
-    from .registry import registered_model
+    from .register import registered_model
 
     raw = (registered_model(client, name).tags or {}).get(LEASE_TAG)
     if not raw:

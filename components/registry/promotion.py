@@ -20,7 +20,7 @@ candidate replaces the champion only when, in this order:
    gain of one or two photos is chance, and the summary says so.
 
 Two promotes of one model at once are serialised by a lease on the registered model
-(registry_lease.py), held from reading the aliases to writing them; before the aliases move the
+(lease.py), held from reading the aliases to writing them; before the aliases move the
 champion is read again and, if something else moved it meanwhile, the candidate is compared with
 the new one. The decision, both scores, the discordant counts, the p-value and the interval are
 tags on the candidate version (`promotion.*`).
@@ -36,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StepError
-from .evaluate import find_test_dir, tag_value
+from ..errors import StepError
+from ..evaluation.evaluate import find_test_dir, tag_value
 from .evaluation_set import (
     EvaluationPhoto,
     EvaluationSet,
@@ -49,9 +49,9 @@ from .evaluation_set import (
     store_frozen_set,
     training_prefixes,
 )
+from .lease import DEFAULT_LEASE_SECONDS, DEFAULT_LEASE_WAIT, DEFAULT_SETTLE, RegistryLease
 from .promotion_gate import DEFAULT_ALPHA, Score, compare, decide, training_refusal
-from .registry import CHAMPION, PREVIOUS, aliases, connect, first_line, model_version, set_version_tags
-from .registry_lease import DEFAULT_LEASE_SECONDS, DEFAULT_LEASE_WAIT, DEFAULT_SETTLE, RegistryLease
+from .register import CHAMPION, PREVIOUS, aliases, connect, first_line, model_version, set_version_tags
 from .significance import PairedComparison
 
 _RECHECKS = 3  # times the champion may change under a promotion before it gives up
@@ -64,7 +64,7 @@ def download_model(uri: str, into: Path, tracking_uri: str) -> Path:
     """Fetch a registered model version into `into` and return the folder with its spec and weights."""
     import mlflow
 
-    from .models import SPEC_NAME, WEIGHTS_NAME
+    from ..training.models import SPEC_NAME, WEIGHTS_NAME
 
     try:
         if uri.startswith("models:/") and "/" in uri.removeprefix("models:/"):
@@ -101,8 +101,8 @@ def score_model(
 
     Per photo, not a count: the paired test needs which photos each model got right.
     """
-    from .models import load_classifier
-    from .predict import pick_device, predict_files
+    from ..evaluation.predict import pick_device, predict_files
+    from ..training.models import load_classifier
 
     with tempfile.TemporaryDirectory(prefix="shopvision-promote-") as scratch:
         model_dir = download_model(uri, Path(scratch), tracking_uri)
@@ -297,7 +297,7 @@ def _run_id(model_version) -> str | None:
 
 
 def _folder_fingerprint(root: Path) -> str | None:
-    from .tracking import data_fingerprint
+    from ..data.fingerprint import data_fingerprint
 
     try:
         return data_fingerprint(find_test_dir(root))

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StepError
-from .evaluate import THRESHOLD_KEY, headline_metrics, tag_value
+from ..errors import StepError
+from ..evaluation.evaluate import THRESHOLD_KEY, headline_metrics, tag_value
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -35,8 +35,8 @@ def connect(tracking_uri: str | None = None):
     """
     from mlflow import MlflowClient
 
-    from .tracking import check_tracking_server
-    from .train_record import resolve_tracking_uri
+    from ..training.tracking import check_tracking_server
+    from ..training.train_record import resolve_tracking_uri
 
     uri = check_tracking_server(resolve_tracking_uri(tracking_uri))
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri

@@ -1,4 +1,4 @@
-"""Rollback: @champion back to @previous, under the same lease as promote (registry_lease.py).
+"""Rollback: @champion back to @previous, under the same lease as promote (lease.py).
 
 @previous is removed afterwards, so a second rollback is a clear error instead of a flip back to the
 version just rolled away from.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from .errors import StepError
-from .registry import CHAMPION, PREVIOUS, aliases, connect
-from .registry_lease import DEFAULT_LEASE_WAIT, DEFAULT_SETTLE, RegistryLease
+from ..errors import StepError
+from .lease import DEFAULT_LEASE_WAIT, DEFAULT_SETTLE, RegistryLease
+from .register import CHAMPION, PREVIOUS, aliases, connect
 
 
 @dataclass

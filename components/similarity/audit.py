@@ -25,78 +25,21 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import StepError
+from ..evaluation.predict import pick_device
+from ..progress import Progress
+from ..step_output import prepare_out
 from .audit_report import MISLABELLED_FILE, REPORT_FILE, THUMBS_DIR, write_report
 from .embedding_index import EmbeddingIndex, load_index, search
-from .errors import StepError
-from .predict import pick_device
-from .progress import Progress
-from .step_output import prepare_out
+from .findings import AuditResult, CategoryPair, MislabelledPhoto
 
 DEFAULT_K = 10
 DEFAULT_MIN_SHARE = 0.6
 EXAMPLES = 3  # neighbour thumbnails per report row
-
-
-@dataclass(frozen=True)
-class MislabelledPhoto:
-    position: int  # row in the index
-    category: str  # where the photo is filed
-    suggested_category: str
-    suggested_count: int  # neighbours in the suggested category
-    own_count: int  # neighbours in the photo's own category
-    neighbours: int  # k, or fewer when the index holds fewer photos of other listings
-    mean_similarity: float  # to its neighbours in the suggested category
-    examples: tuple[int, ...]  # the nearest of those neighbours, best first
-
-    @property
-    def share(self) -> float:
-        return self.suggested_count / self.neighbours
-
-
-@dataclass(frozen=True)
-class CategoryPair:
-    category_a: str  # the two names in sorted order
-    category_b: str
-    photos_a: int
-    photos_b: int
-    links_a_to_b: int  # neighbours of a-photos that are b-photos
-    links_b_to_a: int
-    links_from_a: int  # all neighbour links of a-photos (photos_a × k unless the index is tiny)
-    links_from_b: int
-    examples: tuple[tuple[int, int, float], ...] = ()  # (photo, neighbour, similarity), most similar first
-
-    @property
-    def cross_links(self) -> int:
-        return self.links_a_to_b + self.links_b_to_a
-
-    @property
-    def mix(self) -> float:
-        return self.cross_links / max(1, self.links_from_a + self.links_from_b)
-
-    @property
-    def share_a_to_b(self) -> float:
-        return self.links_a_to_b / max(1, self.links_from_a)
-
-    @property
-    def share_b_to_a(self) -> float:
-        return self.links_b_to_a / max(1, self.links_from_b)
-
-
-@dataclass
-class AuditResult:
-    out: Path
-    photos: int
-    categories: int
-    k: int
-    min_share: float
-    mislabelled: list[MislabelledPhoto] = field(default_factory=list)
-    pairs: list[CategoryPair] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def other_listing_neighbours(

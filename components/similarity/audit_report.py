@@ -4,7 +4,7 @@ report.html, where a person reviews the likely mislabelled listings. Kept apart 
 
 report.html is self-contained (thumbnails embedded) so the MLflow UI shows it inline. A reviewer ticks
 the listings whose suggested category is right and the page itself builds `corrections.csv`
-(`corrections.CORRECTIONS_HEADER`), which `shopvision clean --corrections` applies: the review needs
+(`data.corrections.CORRECTIONS_HEADER`), which `shopvision clean --corrections` applies: the review needs
 no server that writes anything.
 """
 
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..data.images import ImageDecodeError, decode_image, encode_jpeg, shrink_to_fit
+from ..data.naming import atomic_write_bytes, atomic_write_text
+from ..evaluation.report_html import data_uri, esc, img, page
+from ..step_output import csv_text
 from .embedding_index import EmbeddingIndex
-from .images import ImageDecodeError, decode_image, encode_jpeg, shrink_to_fit
-from .naming import atomic_write_bytes, atomic_write_text
-from .report_html import data_uri, esc, img, page
-from .step_output import csv_text
-
-if TYPE_CHECKING:
-    from .audit import AuditResult, CategoryPair, MislabelledPhoto
+from .findings import AuditResult, CategoryPair, MislabelledPhoto
 
 MISLABELLED_FILE = "mislabelled.csv"
 PAIRS_FILE = "confusable_pairs.csv"
@@ -358,9 +355,9 @@ def log_audit_report(run_id: str, out: Path, tracking_uri: str | None = None) ->
     MLflow UI shows report.html inline next to the evaluation's report."""
     from mlflow import MlflowClient
 
-    from .errors import StepError
-    from .tracking import check_tracking_server
-    from .train_record import resolve_tracking_uri
+    from ..errors import StepError
+    from ..training.tracking import check_tracking_server
+    from ..training.train_record import resolve_tracking_uri
 
     uri = check_tracking_server(resolve_tracking_uri(tracking_uri))
     client = MlflowClient(tracking_uri=uri)

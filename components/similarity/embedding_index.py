@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import StepError
-from .models import ModelSpec, load_classifier
-from .progress import Progress
+from ..errors import StepError
+from ..progress import Progress
+from ..training.models import ModelSpec, load_classifier
 
 EMBEDDINGS_FILE = "embeddings.npy"
 INDEX_FILE = "index.csv"

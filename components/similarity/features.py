@@ -5,8 +5,8 @@ features), L2-normalised, so the cosine similarity of two photos is the dot prod
 `extract_features` embeds every photo under a data folder and writes an index folder (the format,
 reading it and searching it are in `embedding_index`; answering query photos in `similar`).
 
-Photos go through the same decoder (`images.decode_image`) and preprocessing
-(`models.eval_transform`) as classification; `embed_images` is the in-memory twin the server calls,
+Photos go through the same decoder (`data.images.decode_image`) and preprocessing
+(`training.models.eval_transform`) as classification; `embed_images` is the in-memory twin the server calls,
 and both end in `_embed_batch`, so an uploaded photo and the same file in the index get the same
 vector.
 """
@@ -29,7 +29,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import SPLITS, category_photos
+from ..data.dataset import SPLITS, category_photos
+from ..data.images import to_rgb
+from ..data.naming import atomic_write_bytes, atomic_write_text, link_or_copy, product_id
+from ..errors import StepError
+from ..evaluation.predict import UnreadablePhoto, _prepare, pick_device
+from ..progress import Progress
+from ..step_output import csv_text, prepare_out
+from ..training.models import (
+    SPEC_NAME,
+    WEIGHTS_NAME,
+    ModelSpec,
+    eval_transform,
+    features_and_logits,
+    load_classifier,
+)
 from .embedding_index import (
     EMBEDDINGS_FILE,
     FEATURES_FILE,
@@ -47,20 +61,6 @@ from .embedding_index import load_index as load_index
 from .embedding_index import load_index_model as load_index_model
 from .embedding_index import neighbours_of as neighbours_of
 from .embedding_index import search as search
-from .errors import StepError
-from .images import to_rgb
-from .models import (
-    SPEC_NAME,
-    WEIGHTS_NAME,
-    ModelSpec,
-    eval_transform,
-    features_and_logits,
-    load_classifier,
-)
-from .naming import atomic_write_bytes, atomic_write_text, link_or_copy, product_id
-from .predict import UnreadablePhoto, _prepare, pick_device
-from .progress import Progress
-from .step_output import csv_text, prepare_out
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -91,7 +91,7 @@ def embed_images(
     """L2-normalised embeddings (len(images)×D float32) of decoded photos, for the server.
 
     `model` comes from `load_classifier` (eval mode, already on `device`; default: where its
-    parameters are). Give images decoded with `images.decode_image` so hostile uploads are refused
+    parameters are). Give images decoded with `data.images.decode_image` so hostile uploads are refused
     there; other modes are converted to RGB here, exactly as the decoder would.
     """
     device = torch.device(device) if device is not None else _model_device(model)
@@ -124,7 +124,7 @@ def embed_files(
     """Embeddings of photo files; a file that is not a usable photo is reported, not fatal.
 
     Decoding runs on a few threads (Pillow and the tensor transforms release the GIL) while the
-    network runs batched, as in `predict.predict_files`.
+    network runs batched, as in `evaluation.predict.predict_files`.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     transform = eval_transform(spec)
@@ -202,7 +202,7 @@ def extract_features(
     show_progress: bool = True,
 ) -> FeaturesResult:
     """Embed every photo under DATA with MODEL (any form `resolve_model_dir` takes); write OUT."""
-    from .model_source import resolve_model_dir
+    from ..training.model_source import resolve_model_dir
 
     data, out = Path(data), Path(out)
     photos = catalogue_photos(data)

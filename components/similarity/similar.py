@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import StepError
+from ..evaluation.predict import UnreadablePhoto, collect_files, pick_device
 from .embedding_index import EmbeddingIndex, Neighbour, load_index, load_index_model, neighbours_of, search
-from .errors import StepError
 from .features import DEFAULT_BATCH_SIZE, embed_files
-from .predict import UnreadablePhoto, collect_files, pick_device
 
 DEFAULT_K = 10
 SIMILAR_COLUMNS = ("query", "rank", "similarity", "category", "product_id", "path")

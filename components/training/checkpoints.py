@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepError
+from ..errors import StepError
 
 LATEST = "latest.pt"
 BEST = "model_best.pt"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepError
+from ..errors import StepError
 from .models import SPEC_NAME, WEIGHTS_NAME, ModelSpec, read_state_dict
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "file://")

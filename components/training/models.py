@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import StepError
+from ..errors import StepError
 
 SPEC_NAME = "model_spec.json"
 WEIGHTS_NAME = "weights.pt"
@@ -118,7 +118,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_classifier(directory: Path, model: nn.Module, spec: ModelSpec) -> None:
-    from .naming import atomic_write_text
+    from ..data.naming import atomic_write_text
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {

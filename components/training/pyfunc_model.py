@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from shopvision.components.tracking import IMAGE_COLUMN, top_k
+from shopvision.components.training.tracking import IMAGE_COLUMN, top_k
 
 BATCH_SIZE = 32
 
@@ -44,7 +44,12 @@ class PhotoClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from shopvision.components.models import SPEC_NAME, WEIGHTS_NAME, eval_transform, load_classifier
+        from shopvision.components.training.models import (
+            SPEC_NAME,
+            WEIGHTS_NAME,
+            eval_transform,
+            load_classifier,
+        )
 
         root = Path(context.artifacts["classifier"])
         found = sorted(p.parent for p in root.rglob(SPEC_NAME) if (p.parent / WEIGHTS_NAME).is_file())
@@ -58,7 +63,7 @@ class PhotoClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
 
-        from shopvision.components.images import ImageDecodeError, decode_image
+        from shopvision.components.data.images import ImageDecodeError, decode_image
 
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             raise ValueError(f"expected a DataFrame with an `{IMAGE_COLUMN}` column")

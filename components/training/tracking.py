@@ -1,27 +1,26 @@
-"""MLflow helpers: is the tracking server there, which data was this, and the classifier as an MLflow model.
+"""MLflow helpers: is the tracking server there, and the classifier as an MLflow model.
 
 Training calls these on rank 0 only (through `train_record.RunRecorder`); evaluation and registration
-reuse them. The classifier is logged as a pyfunc "from code" (`pyfunc_model.py`), so loading it runs
-our reviewed code and reads weights with `torch.load(weights_only=True)`; nothing is unpickled.
+reuse them (which data a run saw is `data.fingerprint`). The classifier is logged as a pyfunc "from
+code" (`pyfunc_model.py`), so loading it runs our reviewed code and reads weights with
+`torch.load(weights_only=True)`; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import os
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
-from .errors import StepError
+from ..errors import StepError
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -41,7 +40,6 @@ RUNTIME_PACKAGES = (
     "pandas",
     "efficientnet-lite-pytorch",
 )
-_CHUNK = 1 << 20
 
 
 def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> str:
@@ -154,39 +152,6 @@ def _check_writable_folder(path: Path, uri: str) -> None:
             f"MLflow tracking folder {uri} is not writable ({existing}) — "
             "fix the permissions or set MLFLOW_TRACKING_URI"
         )
-
-
-def data_fingerprint(folder: Path) -> str:
-    """sha256 over every file under `folder`: sorted relative paths, sizes and content hashes.
-
-    Two folders get the same fingerprint exactly when they hold the same files with the same bytes,
-    wherever they live. Files are streamed and hashed on a few threads (hashlib releases the GIL).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StepError(f"cannot fingerprint {folder}: it is not a folder")
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        files.extend(Path(root, name) for name in names)
-    files = [p for p in files if p.is_file()]
-    files.sort(key=lambda p: p.relative_to(folder).as_posix())
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(_hash_file, files))
-    total = hashlib.sha256()
-    for path, (size, digest) in zip(files, digests, strict=True):
-        total.update(os.fsencode(path.relative_to(folder).as_posix()) + b"\0")
-        total.update(f"{size}\0{digest}\n".encode())
-    return total.hexdigest()
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def top_k(num_classes: int) -> int:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import StepError
 from . import checkpoints, distributed
-from .errors import StepError
 from .models import (
     ModelSpec,
     build_model,

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .dataset import category_photos
+from ..data.dataset import category_photos
+from ..data.images import ImageDecodeError, decode_image
+from ..errors import StepError
 from .distributed import Context
-from .errors import StepError
-from .images import ImageDecodeError, decode_image
 
 
 class PhotoFolder(Dataset):

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .naming import atomic_write_text
+from ..data.naming import atomic_write_text
 
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.jsonl"
@@ -54,7 +54,7 @@ class RunRecorder:
     def start(self, data: Path, **facts) -> None:
         import mlflow
 
-        from .tracking import data_fingerprint
+        from ..data.fingerprint import data_fingerprint
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.uri = configure_mlflow(self.cfg.tracking_uri, self.cfg.experiment, self.out)
@@ -84,7 +84,7 @@ class RunRecorder:
         """The content hashes of every train and val photo, so the gate can prove a test set unseen."""
         import mlflow
 
-        from .split import write_hash_prefixes
+        from ..data.split import write_hash_prefixes
 
         target = self.out / TRAINING_PHOTOS_FILE
         count = write_hash_prefixes(Path(data), ("train", "val"), target)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepError
+from ..errors import StepError
 from .model_source import download_mlflow_artifacts
 from .models import WEIGHTS_NAME, read_state_dict
 

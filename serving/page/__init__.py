@@ -74,7 +74,7 @@ def page_response() -> HTMLResponse:
 def catalogue_thumbnail(path: Path, max_pixels: int) -> bytes | None:
     """A JPEG of at most THUMB_SIZE px of one catalogue photo; None when it is missing or unreadable
     here (an index built elsewhere carries its embeddings, not its photos)."""
-    from shopvision.components.images import ImageDecodeError, decode_image, shrink_to_fit
+    from shopvision.components.data.images import ImageDecodeError, decode_image, shrink_to_fit
 
     try:
         if path.stat().st_size > THUMB_MAX_FILE_BYTES:

@@ -12,8 +12,8 @@ ORDER = 10
 
 
 def _run_clean(args: argparse.Namespace) -> None:
-    from shopvision.components.clean import clean, summary
-    from shopvision.components.corrections import read_corrections
+    from shopvision.components.data.clean import clean, summary
+    from shopvision.components.data.corrections import read_corrections
 
     result = clean(
         args.raw,
@@ -29,7 +29,7 @@ def _run_clean(args: argparse.Namespace) -> None:
 
 
 def _run_split(args: argparse.Namespace) -> None:
-    from shopvision.components.split import split, summary
+    from shopvision.components.data.split import split, summary
 
     result = split(
         args.clean_dir,
@@ -46,13 +46,13 @@ def _run_split(args: argparse.Namespace) -> None:
 
 
 def _run_balance(args: argparse.Namespace) -> None:
-    from shopvision.components.balance import balance, summary
+    from shopvision.components.data.balance import balance, summary
 
     print(summary(balance(args.split_dir, args.out, percentile=args.percentile)))
 
 
 def _run_augment(args: argparse.Namespace) -> None:
-    from shopvision.components.augment import OPERATIONS, augment, summary
+    from shopvision.components.data.augment import OPERATIONS, augment, summary
 
     operations = [op for op in OPERATIONS if op not in set(args.skip)]
     if args.only:

@@ -17,7 +17,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from shopvision.components.deploy import deploy, summary
+    from shopvision.components.cluster.deploy import deploy, summary
 
     result = deploy(
         args.name,

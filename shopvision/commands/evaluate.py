@@ -13,19 +13,19 @@ ORDER = 30
 
 def use_tracking_uri(uri: str | None, model: str | None = None) -> None:
     """Point MLflow at --tracking-uri (or its default) when the model or the run lives there."""
-    from shopvision.components.model_source import MLFLOW_SCHEMES
+    from shopvision.components.training.model_source import MLFLOW_SCHEMES
 
     if uri or (model and str(model).startswith(MLFLOW_SCHEMES)):
         import mlflow
 
-        from shopvision.components.train_record import resolve_tracking_uri
+        from shopvision.components.training.train_record import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri(uri))
 
 
 def _run_classify(args: argparse.Namespace) -> None:
     from shopvision.components.errors import StepError
-    from shopvision.components.predict import (
+    from shopvision.components.evaluation.predict import (
         classify,
         format_table,
         progress_printer,
@@ -54,8 +54,8 @@ def _run_classify(args: argparse.Namespace) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from shopvision.components.evaluate import evaluate, summary
-    from shopvision.components.predict import progress_printer
+    from shopvision.components.evaluation.evaluate import evaluate, summary
+    from shopvision.components.evaluation.predict import progress_printer
 
     use_tracking_uri(args.tracking_uri, args.model)
     result = evaluate(

@@ -12,15 +12,15 @@ ORDER = 35
 
 
 def _run_register(args: argparse.Namespace) -> None:
-    from shopvision.components.registry import register, register_summary
+    from shopvision.components.registry.register import register, register_summary
 
     result = register(args.run_id, args.name, test_metrics=args.test_metrics, tracking_uri=args.tracking_uri)
     print(register_summary(result))
 
 
 def _run_promote(args: argparse.Namespace) -> None:
-    from shopvision.components.predict import progress_printer
-    from shopvision.components.promotion import promote, promote_summary
+    from shopvision.components.evaluation.predict import progress_printer
+    from shopvision.components.registry.promotion import promote, promote_summary
 
     decision = promote(
         args.name,
@@ -45,7 +45,7 @@ def _run_promote(args: argparse.Namespace) -> None:
 
 
 def _run_rollback(args: argparse.Namespace) -> None:
-    from shopvision.components.rollback import rollback, rollback_summary
+    from shopvision.components.registry.rollback import rollback, rollback_summary
 
     result = rollback(
         args.name, tracking_uri=args.tracking_uri, lease_wait=args.lease_wait, lease_settle=args.lease_settle

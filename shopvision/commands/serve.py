@@ -29,10 +29,10 @@ def non_negative_float(text: str) -> float:
 def _run(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from shopvision.components.data.images import DEFAULT_MAX_PIXELS
     from shopvision.components.errors import StepError
-    from shopvision.components.images import DEFAULT_MAX_PIXELS
-    from shopvision.components.model_source import MLFLOW_SCHEMES
-    from shopvision.components.train_record import resolve_tracking_uri
+    from shopvision.components.training.model_source import MLFLOW_SCHEMES
+    from shopvision.components.training.train_record import resolve_tracking_uri
     from shopvision.serving.app import create_app
     from shopvision.serving.model import torch_threads
     from shopvision.serving.registry_watch import (

@@ -12,7 +12,7 @@ ORDER = 50
 
 
 def _run_features(args: argparse.Namespace) -> None:
-    from shopvision.components.features import extract_features, summary
+    from shopvision.components.similarity.features import extract_features, summary
 
     from .evaluate import use_tracking_uri
 
@@ -25,7 +25,7 @@ def _run_features(args: argparse.Namespace) -> None:
 
 def _run_similar(args: argparse.Namespace) -> None:
     from shopvision.components.errors import StepError
-    from shopvision.components.similar import find_similar, format_similar, similar_summary
+    from shopvision.components.similarity.similar import find_similar, format_similar, similar_summary
 
     result = find_similar(args.index, args.photos, k=args.k, batch_size=args.batch_size, device=args.device)
     if result.queries:
@@ -41,7 +41,7 @@ def _run_similar(args: argparse.Namespace) -> None:
 
 
 def _run_audit(args: argparse.Namespace) -> None:
-    from shopvision.components.audit import audit, summary
+    from shopvision.components.similarity.audit import audit, summary
 
     print(summary(audit(args.index, args.out, k=args.k, min_share=args.min_share, device=args.device)))
 

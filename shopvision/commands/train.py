@@ -14,7 +14,7 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, a checkpoint was wri
 
 
 def _config(args: argparse.Namespace):
-    from shopvision.components.train import TrainConfig
+    from shopvision.components.training.train import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["data"], values["out"] = str(args.data), str(args.out)
@@ -24,11 +24,11 @@ def _config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from shopvision.components import distributed, launch
     from shopvision.components.errors import StepError
-    from shopvision.components.train import Preempted, run
-    from shopvision.components.train_data import train_labels
-    from shopvision.components.train_record import resolve_tracking_uri
+    from shopvision.components.training import distributed, launch
+    from shopvision.components.training.train import Preempted, run
+    from shopvision.components.training.train_data import train_labels
+    from shopvision.components.training.train_record import resolve_tracking_uri
 
     cfg = _config(args)
     if distributed.under_torchrun() or (args.nodes == 1 and args.nproc_per_node == 1):
@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> None:
             sys.exit(PREEMPTED_EXIT)
         return
     # Launcher: check what would otherwise fail in every worker, then start torchrun.
-    from shopvision.components.tracking import check_tracking_server
+    from shopvision.components.training.tracking import check_tracking_server
 
     train_labels(Path(args.data))
     check_tracking_server(resolve_tracking_uri(args.tracking_uri))
@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def add_parser(steps) -> None:
-    from shopvision.components.models import ARCHITECTURES, RESNET_DEPTHS
+    from shopvision.components.training.models import ARCHITECTURES, RESNET_DEPTHS
 
     p = add_step(
         steps,
