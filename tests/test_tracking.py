@@ -121,6 +121,42 @@ def test_logged_model_is_code_and_weights_not_a_pickle(logged):
     assert decode_image(base64.b64decode(example["dataframe_split"]["data"][0][0])).source_format == "JPEG"
 
 
+def test_a_model_logged_before_the_stage_folders_still_loads(logged, tracking_server, tmp_path, monkeypatch):
+    """A registry keeps each version's own pyfunc_model.py; one logged before components/ had stage
+    folders imports the flat components.tracking, .models and .images, and must still load and
+    predict in a fresh process, as `mlflow models serve` loads it."""
+    from shopvision.components.training import tracking
+
+    old = tracking.PYFUNC_CODE.read_text(encoding="utf-8")
+    for flat, staged in [
+        ("tracking", "training.tracking"),
+        ("models", "training.models"),
+        ("images", "data.images"),
+    ]:
+        assert f"shopvision.components.{staged} import" in old
+        old = old.replace(f"shopvision.components.{staged} import", f"shopvision.components.{flat} import")
+    code = tmp_path / "pyfunc_model.py"
+    code.write_text(old, encoding="utf-8")
+    monkeypatch.setattr(tracking, "PYFUNC_CODE", code)
+    with mlflow.start_run():
+        info = log_classifier(logged.model_dir)
+    script = (
+        "import base64, sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "print(model.predict(pd.DataFrame({'image': [base64.b64encode(open(sys.argv[2], 'rb').read()).decode()]}))"
+        ".iloc[0]['label_1'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, info.model_uri, str(PHOTOS[0])],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_server},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == expected_top_k(logged.model, logged.spec, PHOTOS[0])[0][0]
+
+
 @pytest.mark.parametrize("form", ["logged model", "run artifact", "registered version"])
 def test_resolve_model_dir_rebuilds_the_same_network(logged, form):
     uri = {
