@@ -32,10 +32,15 @@ DEMO_ARGUMENTS = {
 }
 
 
-def run_locally(arguments: dict, workdir: Path) -> dict:
-    """Run the pipeline; returns where things are and the champion as the registry sees it."""
+def run_locally(arguments: dict, workdir: Path, *, verbose: bool = False) -> dict:
+    """Run the pipeline; returns where things are and the champion as the registry sees it.
+
+    Prints one line per task as it finishes; kfp.local's whole log goes to WORKDIR/pipeline.log
+    (`run_log`), and to the terminal as well with `verbose`.
+    """
     from kfp import local
 
+    from .run_log import RunLog
     from .training_pipeline import training_pipeline
 
     workdir = Path(workdir).resolve()
@@ -55,11 +60,16 @@ def run_locally(arguments: dict, workdir: Path) -> dict:
         raise_on_error=True,
     )
     started = time.monotonic()
+    run_log = RunLog(workdir, verbose=verbose)
+    run_log.say(f"pipeline: running under kfp.local; the full log is in {run_log.path}")
     try:
-        training_pipeline(**arguments)
-    except RuntimeError as exc:  # kfp.local reports a failed task this way; its log is above
-        raise StepError(f"the pipeline failed: {exc}") from None
-    return champion_report(arguments.get("model_name", "shopvision"), workdir, time.monotonic() - started)
+        with run_log:
+            training_pipeline(**arguments)
+    except RuntimeError as exc:  # kfp.local reports a failed task this way; its error lines are above
+        failed = f"task {run_log.failed} failed" if run_log.failed else run_log.strip(str(exc))
+        raise StepError(f"the pipeline failed: {failed}; the full log is in {run_log.path}") from None
+    report = champion_report(arguments.get("model_name", "shopvision"), workdir, time.monotonic() - started)
+    return {**report, "log": str(run_log.path)}
 
 
 def champion_report(model_name: str, workdir: Path, seconds: float) -> dict:

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> None:
     from shopvision.pipelines.local_run import DEMO_ARGUMENTS, run_locally
 
     defaults = {**(DEMO_ARGUMENTS if args.demo else {}), "data_location": args.data}
-    report = run_locally(_arguments(args, defaults), args.workdir)
+    report = run_locally(_arguments(args, defaults), args.workdir, verbose=args.verbose)
     scores = ", ".join(
         f"{label} {report[key]}"
         for key, label in (
@@ -107,6 +107,11 @@ def add_parser(steps) -> None:
     )
     run.add_argument("--workdir", type=Path, default=Path("pipeline-output"), help="artifacts and mlflow.db")
     run.add_argument("--demo", action="store_true", help="the small, fast settings of `make demo`")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream kfp.local's whole log (every task's output) here too, not only to WORKDIR/pipeline.log",
+    )
     _parameter_options(run)
 
     submit = add_step(actions, "submit", "submit the compiled pipeline to a KFP backend", _submit)
