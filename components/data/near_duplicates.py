@@ -19,9 +19,13 @@ class Hashed(Protocol):
     signature: bytes | None
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets over positions 0..n-1; a set's root is its smallest position, and its size is kept
+    so split can cap how large a look-alike group grows."""
+
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))
+        self.size = [1] * n
 
     def find(self, x: int) -> int:
         while self.parent[x] != x:
@@ -33,6 +37,7 @@ class _UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
+            self.size[min(ra, rb)] += self.size[max(ra, rb)]
 
 
 def near_pairs(decoded: Sequence[Hashed], bits: int) -> list[tuple[int, int, int]]:
@@ -66,7 +71,7 @@ def group_duplicates(
     Exact copies share a SHA-256; near copies are within `bits` pHash bits and `grey` mean thumbnail
     difference, the second test catching different photos whose low frequencies happen to agree.
     """
-    union = _UnionFind(len(decoded))
+    union = UnionFind(len(decoded))
     why: dict[tuple[int, int], str] = {}
     by_sha: dict[str, int] = {}
     for position, item in enumerate(decoded):

@@ -37,6 +37,7 @@ from pathlib import Path
 from ..errors import StepError
 from .dataset import SPLITS, category_photos, prepare_output
 from .naming import atomic_write_text, link_or_copy, product_id
+from .near_duplicates import UnionFind
 
 MANIFEST = "split.json"
 CLEAN_REPORT = "clean_report.json"
@@ -233,24 +234,6 @@ def read_frozen_hashes(path: Path | None) -> set[str]:
 # ------------------------------------------------------------------------------------ grouping
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-        self.size = [1] * n
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-            self.size[min(ra, rb)] += self.size[max(ra, rb)]
-
-
 def rank(seed: int, category: str, product: str) -> str:
     return hashlib.sha256(f"{seed}\0{category}\0{product}".encode()).hexdigest()
 
@@ -282,7 +265,7 @@ def group_photos(
     Photos of one (category, product) are one group; `links` (similarity, i, j) join groups,
     strongest first, unless the joined group would hold more than `max_group_share` of the category.
     """
-    union = _UnionFind(len(photos))
+    union = UnionFind(len(photos))
     first_of: dict[tuple[str, str], int] = {}
     for i, photo in enumerate(photos):
         j = first_of.setdefault((photo.category, photo.product_id), i)
