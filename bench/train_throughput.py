@@ -100,8 +100,13 @@ def shopvision_run(data: Path, depth: int, args, ctx) -> float:
     ]
 
 
-def reference_run(data: Path, depth: int, args, device: torch.device) -> float:
-    """torchvision's reference recipe, defaults: ImageFolder (PIL), fp32, contiguous tensors."""
+def reference_loader(data: Path, args, device: torch.device) -> torch.utils.data.DataLoader:
+    """torchvision's reference data pipeline: ImageFolder (PIL), RandomResizedCrop + flip.
+
+    Its loader workers persist across the warm-up and the timed steps, as ours do (`loaders()`):
+    otherwise the reference would start its workers again inside the timed steps and lose time that
+    has nothing to do with its loop.
+    """
     import torchvision
     from torchvision import transforms
 
@@ -116,14 +121,23 @@ def reference_run(data: Path, depth: int, args, device: torch.device) -> float:
         ]
     )
     dataset = torchvision.datasets.ImageFolder(str(data / "train"), transform)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.batch_size,
         shuffle=True,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
     )
-    model = getattr(torchvision.models, f"resnet{depth}")(num_classes=len(dataset.classes)).to(device)
+
+
+def reference_run(data: Path, depth: int, args, device: torch.device) -> float:
+    """torchvision's reference recipe, defaults: ImageFolder (PIL), fp32, contiguous tensors."""
+    import torchvision
+
+    loader = reference_loader(data, args, device)
+    classes = len(loader.dataset.classes)
+    model = getattr(torchvision.models, f"resnet{depth}")(num_classes=classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     criterion = nn.CrossEntropyLoss()
     model.train()

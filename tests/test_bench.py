@@ -1,15 +1,69 @@
 """The benchmarks still run: a tiny smoke run of each one that needs nothing outside the venv.
 
-Speed is not asserted here (timed unit tests lie on a shared CI machine); the ratios come from the
-benchmarks themselves, run by hand (bench/README.md).
+That is train_throughput.py and serve_vs_mlflow.py. clean_vs_imagemagick.py needs ImageMagick, and
+split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its held-out `val_*`
+photos are the reference), so they are run by hand. Speed is not asserted here (timed unit tests lie on
+a shared CI machine); the ratios come from the benchmarks themselves, run by hand (bench/README.md).
+What is asserted is that each side of a comparison is measured the same way.
 """
 
+import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHES = {"train_throughput.py", "serve_vs_mlflow.py"}  # the venv-only ones, each run below
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_bench_script_is_smoke_run_here_or_says_what_it_needs():
+    scripts = {p.name for p in (REPO / "bench").iterdir() if p.suffix in {".py", ".sh"}}
+    needs_more = {"clean_vs_imagemagick.py", "split_leakage.py", "grocery_accuracy.sh"}
+    assert scripts == BENCHES | needs_more
+    tested = Path(__file__).read_text(encoding="utf-8")
+    for script in BENCHES:
+        assert f'"bench" / "{script}"' in tested, script
+
+
+def test_train_throughput_reference_loop_keeps_its_loader_workers_as_ours_does(sample_raw, tmp_path):
+    """Both loops warm up, then time their steps; a loader whose workers do not persist starts them
+    again inside the timed steps, so both must keep them (or neither)."""
+    import torch
+
+    from shopvision.components.training.models import ModelSpec, eval_transform, train_transform
+    from shopvision.components.training.train_data import loaders
+
+    data = tmp_path / "data"
+    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:2]:
+        for split in ("train", "val"):
+            (data / split / category.name).mkdir(parents=True)
+            for photo in sorted(category.glob("*.jpg"))[:2]:
+                shutil.copy(photo, data / split / category.name / photo.name)
+    labels = sorted(p.name for p in (data / "train").iterdir())
+    spec = ModelSpec("resnet18", labels, image_size=32)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    bench = _bench_module("train_throughput")
+    for workers in (0, 2):
+        ours, _, _ = loaders(data, labels, train_transform(spec), eval_transform(spec), ctx, 4, workers, 0)
+        args = SimpleNamespace(image_size=32, batch_size=4, workers=workers)
+        reference = bench.reference_loader(data, args, ctx.device)
+        assert (reference.num_workers, reference.persistent_workers) == (
+            ours.num_workers,
+            ours.persistent_workers,
+        )
+        assert reference.persistent_workers == (workers > 0)
 
 
 def test_train_throughput_bench_measures_both_loops(sample_raw):
@@ -43,3 +97,29 @@ def test_train_throughput_bench_refuses_an_unknown_depth(sample_raw):
         timeout=120,
     )
     assert done.returncode == 2 and "unknown ResNet depth" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_bench_measures_both_servers_on_the_same_model():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "serve_vs_mlflow.py")]
+        + ["--seconds", "2", "--rounds", "2", "--warmup", "0.5", "--clients", "2"]
+        + ["--image-size", "32", "--photos", "4", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Both servers answered the same top category for the same photos before timing started.
+    assert "same top category from both" in done.stdout, done.stdout
+    rows = {
+        m.group(1): (int(m.group(2)), int(m.group(3)), float(m.group(4)))
+        for m in re.finditer(
+            r"^(shopvision serve|mlflow models serve)\s+(\d+)\s+(\d+)\s+([\d.]+)\s", done.stdout, re.MULTILINE
+        )
+    }
+    assert set(rows) == {"shopvision serve", "mlflow models serve"}, done.stdout
+    for requests, errors, per_second in rows.values():
+        assert requests > 0 and errors == 0 and per_second > 0
+    ratio = float(re.search(r"throughput: shopvision serve is ([\d.]+)x", done.stdout).group(1))
+    ours, theirs = rows["shopvision serve"][2], rows["mlflow models serve"][2]
+    assert ratio == pytest.approx(ours / theirs, rel=0.05, abs=0.02)

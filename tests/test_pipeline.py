@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -147,7 +148,41 @@ def test_secrets_are_wired_by_reference(compiled):
         }
         assert ("shopvision-mlflow", "tracking-uri", "MLFLOW_TRACKING_URI") in wired, name
         assert ("shopvision-s3", "secret-access-key", "AWS_SECRET_ACCESS_KEY") in wired, name
-    assert "test" not in COMPILED.read_text().split("secretAsEnv")[0][-200:]  # no literal credentials
+
+
+# Credentials as a machine that compiles the pipeline may hold them; none may reach the IR YAML.
+COMPILE_TIME_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIALEAKEDKEYID0001",
+    "AWS_SECRET_ACCESS_KEY": "leaked-secret-access-key-0001",
+    "AWS_ENDPOINT_URL": "http://leaked-endpoint.example:9000",
+    "MLFLOW_TRACKING_URI": "http://leaked-user:leaked-password@mlflow.example:5000",
+    "MLFLOW_TRACKING_USERNAME": "leaked-user",
+    "MLFLOW_TRACKING_PASSWORD": "leaked-password",
+    "MLFLOW_TRACKING_TOKEN": "leaked-token-0001",
+}
+CREDENTIAL_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|TRACKING_URI|ENDPOINT", re.IGNORECASE)
+
+
+def _literal_credentials(docs: list[dict]) -> list[str]:
+    """Environment variables set to a literal value in a container that name a credential."""
+    found = []
+    for name, executor in docs[0]["deploymentSpec"]["executors"].items():
+        for env in executor.get("container", {}).get("env", []):
+            if CREDENTIAL_NAME.search(env["name"]):
+                found.append(f"{name}: {env['name']}")
+    return found
+
+
+def test_no_credential_is_written_into_the_pipeline(compiled, tmp_path, monkeypatch):
+    """The Secrets are wired by reference (above); here: no value from the compiling machine's
+    environment appears anywhere in the YAML, and no container sets a credential to a literal."""
+    monkeypatch.delenv("SHOPVISION_IMAGE", raising=False)
+    for key, value in COMPILE_TIME_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml").read_text()
+    assert "leaked" not in fresh.lower() and "AKIALEAKED" not in fresh
+    assert _literal_credentials(list(yaml.safe_load_all(fresh))) == []
+    assert _literal_credentials(compiled) == []
 
 
 def test_fingerprint_changes_exactly_when_photos_change(s3, sample_raw, tmp_path):
@@ -205,34 +240,57 @@ def test_bad_locations_are_clear_errors(s3, tmp_path):
             parse_arguments([bad])
 
 
-def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkeypatch):
-    raw = _small_raw(sample_raw, tmp_path / "raw")
+# The smallest run in which a model learns: ImageNet EfficientNet-Lite0 features (shipped offline), a
+# frozen backbone and a new head, as `make demo` trains. Chance on 4 categories is 0.25; a first
+# promotion must pass this floor, so a model that learned nothing has no @champion and the run fails.
+FLOOR = 0.5
+
+
+def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkeypatch, capsys):
+    raw = _small_raw(sample_raw, tmp_path / "raw", photos=8)
     _upload(s3, "catalogue", raw, "raw")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     arguments = {
         "data_location": "s3://catalogue/raw",
         "model_name": "pipeline-test",
-        "image_size": 64,
+        "image_size": 128,
         "val_fraction": 0.25,
         "test_fraction": 0.25,
         "augmentations": "mirror",
-        "arch": "resnet18",
-        "epochs": 1,
+        "arch": "efficientnet_lite0",
+        "pretrained": "imagenet",
+        "freeze_backbone": True,
+        "epochs": 3,
         "batch_size": 8,
-        "train_image_size": 32,
-        "lr": 0.01,
+        "train_image_size": 112,
+        "lr": 0.05,
+        "min_accuracy": FLOOR,
         "launcher": "local",
         "audit": True,
         "audit_k": 3,
     }
     report = run_locally(arguments, tmp_path / "work")
-    assert report["champion_version"] == "1"
+    _check_quiet_output(capsys.readouterr().out, tmp_path / "work")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("pipeline-test", "champion")
     assert champion.run_id == report["source_run"]
-    assert float(champion.tags["test_top1_accuracy"]) >= 0
+    # The first version passed a floor twice chance, on test photos it never trained on, and the
+    # accuracy the registry shows is the one evaluate measured, photo by photo.
+    assert report["champion_version"] == str(champion.version) == "1"
+    assert champion.tags["promotion.decision"] == "promoted"
+    assert float(champion.tags["promotion.min_accuracy"]) == FLOOR
+    accuracy = float(champion.tags["test_top1_accuracy"])
+    assert accuracy >= FLOOR
+    run_root = next((tmp_path / "work" / "pipeline-root").iterdir())
+    evaluation = run_root / "evaluate-model" / "evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    rows = (evaluation / "predictions.csv").read_text().splitlines()[1:]
+    split_manifest = json.loads((run_root / "split-photos" / "splits" / "split.json").read_text())
+    test_photos = [e for e in split_manifest["photos"] if e["split"] == "test"]
+    assert len(rows) == metrics["counts"]["images"] == len(test_photos) == int(champion.tags["test_images"])
+    assert metrics["top1_accuracy"] == pytest.approx(accuracy)
     run = client.get_run(champion.run_id)
-    assert run.data.params["arch"] == "resnet18"
+    assert run.data.params["arch"] == "efficientnet_lite0"
     assert "test_top1_accuracy" in run.data.metrics  # evaluation logged to the training run
     tasks = {p.name for p in next((tmp_path / "work" / "pipeline-root").iterdir()).iterdir()}
     assert {"clean-photos", "train-model", "evaluate-model", "promote-model", "audit-catalogue"} <= tasks
@@ -245,8 +303,7 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
     assert "audit/report.html" in logged  # the review page beside the evaluation's report
 
     # The first promotion froze the test photos; the training run's own photos are not among them.
-    run_root = next((tmp_path / "work" / "pipeline-root").iterdir())
-    manifest = json.loads((run_root / "split-photos" / "splits" / "split.json").read_text())["photos"]
+    manifest = split_manifest["photos"]
     frozen = {e["sha256"] for e in manifest if e["split"] == "test"}
     trained_on = {e["sha256"][:16] for e in manifest if e["split"] != "test"}
     registered = client.get_registered_model("pipeline-test")
@@ -263,4 +320,39 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
     assert second["frozen"] == {"photos": len(frozen), "found": len(frozen), "missing": 0}
     candidate = client.get_model_version("pipeline-test", "2")
     assert candidate.tags["promotion.evaluation_photos"] == str(len(frozen))
-    assert again["champion_version"] in ("1", "2")
+    # @champion is where the gate's recorded decision says it is.
+    decided = candidate.tags["promotion.decision"]
+    assert decided in ("promoted", "rejected")
+    assert again["champion_version"] == ("2" if decided == "promoted" else "1")
+    assert (
+        str(client.get_model_version_by_alias("pipeline-test", "champion").version)
+        == again["champion_version"]
+    )
+    if decided == "promoted":
+        assert str(client.get_model_version_by_alias("pipeline-test", "previous").version) == "1"
+
+
+def _check_quiet_output(out: str, workdir: Path) -> None:
+    """`pipeline run` shows one line per task as it finishes; kfp.local's whole log is in the file."""
+    lines = out.splitlines()
+    log = workdir / "pipeline.log"
+    assert lines[0] == f"pipeline: running under kfp.local; the full log is in {log.resolve()}"
+    warnings = [line for line in lines[1:] if line.startswith("      warning: ")]  # a step's, under its task
+    tasks = [
+        re.match(r"^  (\S+)\s+SUCCESS\s+\d+\.\d s  (.+)$", line) for line in lines[1:] if line not in warnings
+    ]
+    assert all(tasks), out
+    names = [m.group(1) for m in tasks]
+    assert sorted(names) == sorted([*(s for s in STEPS if s != "deploy-model"), "audit-catalogue"])
+    assert names.index("clean-photos") < names.index("split-photos") < names.index("train-model")
+    summary = dict(m.groups() for m in tasks)
+    assert summary["fetch-photos"] == "32 photos"
+    assert summary["clean-photos"].startswith("32 files, ")  # clean's own summary, its name left out
+    assert summary["promote-model"] == "PROMOTED: @champion -> version 1"
+    assert "top-1 " in summary["evaluate-model"] and "test photos" in summary["evaluate-model"]
+    full = log.read_text()
+    assert "Got executor_input" in full and "Got executor_input" not in out  # the executor JSON
+    for name in names:
+        assert f"Executing task '{name}'" in full  # in the log, without the terminal's colours
+    assert "\x1b[" not in full
+    assert "non-Python base image" not in out + full  # kfp's warning for every task; said once instead

@@ -419,18 +419,27 @@ def test_an_unloadable_champion_is_replaced_only_with_force(registry, test_dir):
 
 @BOTH_BACKENDS
 def test_the_registry_lives_in_the_chosen_backend_store(registry):
-    """The aliases set above are rows in SQLite or PostgreSQL, not in some default store."""
+    """Versions registered and an alias set through the server are rows in the SQLite or PostgreSQL
+    database it was started on, not in some default store. The test makes its own model, so it holds
+    run alone as in the module."""
     import sqlalchemy
 
+    name, (first, second) = registry.new_name("banana", "carrots")
+    registry.client.set_registered_model_alias(name, CHAMPION, second)
     uri = registry.backend_uri or f"sqlite:///{registry.server_dir / 'mlflow.db'}"
     assert uri.startswith("postgresql") == (registry.backend == "postgresql")
     engine = sqlalchemy.create_engine(uri)
     try:
         with engine.connect() as connection:
-            champions = connection.execute(
-                sqlalchemy.text("SELECT count(*) FROM registered_model_aliases WHERE alias = 'champion'")
-            ).scalar_one()
-            versions = connection.execute(sqlalchemy.text("SELECT count(*) FROM model_versions")).scalar_one()
+            aliases = connection.execute(
+                sqlalchemy.text("SELECT alias, version FROM registered_model_aliases WHERE name = :name"),
+                {"name": name},
+            ).all()
+            versions = connection.execute(
+                sqlalchemy.text("SELECT version FROM model_versions WHERE name = :name ORDER BY version"),
+                {"name": name},
+            ).all()
     finally:
         engine.dispose()
-    assert champions >= 1 and versions >= 2
+    assert [(alias, str(version)) for alias, version in aliases] == [(CHAMPION, second)]
+    assert [str(version) for (version,) in versions] == [first, second]
