@@ -392,6 +392,13 @@ def test_the_lease_is_renewed_while_held_and_a_lost_one_is_noticed(gate):
         time.sleep(2.2)  # past the first expiry: only renewal keeps it
         renewed = lease_record()
         assert renewed["owner"] == lease.owner and renewed["expires"] > max(first["expires"], time.time())
+        # The renewer reads the tag, then writes it: a write between the two is overwritten (MLflow
+        # has no compare-and-set; see lease.py), and the lease is simply ours again. So the thief
+        # writes just after a renewal, a third of the lease (0.5 s) before the next one.
+        deadline = time.monotonic() + 5
+        while lease_record()["expires"] == renewed["expires"]:
+            assert time.monotonic() < deadline, "the lease was not renewed again"
+            time.sleep(0.01)
         thief = json.dumps({"owner": "thief", "expires": time.time() + 60})
         gate.client.set_registered_model_tag(name, LEASE_TAG, thief)
         with pytest.raises(StepError, match="lost the promotion lease"):
