@@ -21,7 +21,7 @@ import shutil
 import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import StepError
@@ -122,8 +122,14 @@ class _Candidate:
 
 
 @dataclass(frozen=True)
-class _Decoded:
-    index: int
+class PhotoRecord:
+    """What decoding one raw file found (clean's map half): its hashes and sizes and the name of its
+    shrunk JPEG in a staging folder, or why it could not be decoded. Duplicates are decided over all
+    records at once (the reduce half), so records can come from one process or from many shards."""
+
+    source: str
+    category: str
+    staged: str | None = None  # file name of the shrunk JPEG in its staging folder
     sha256: str | None = None
     phash: int | None = None
     signature: bytes | None = None
@@ -210,40 +216,44 @@ def discover(raw: Path) -> tuple[list[_Candidate], list[FileVerdict]]:
     return candidates, verdicts
 
 
-def _decode_one(job: tuple[_Candidate, int, int, str]) -> _Decoded:
+def _decode_one(job: tuple[_Candidate, int, int, str]) -> PhotoRecord:
     candidate, size, max_pixels, staging = job
+    record = PhotoRecord(candidate.source, candidate.category)
     try:
         with open(candidate.path, "rb") as handle:
             data = handle.read()
     except OSError as exc:
-        return _Decoded(candidate.index, error_reason="unreadable", error_detail=str(exc))
-    sha = hashlib.sha256(data).hexdigest()
+        return replace(record, error_reason="unreadable", error_detail=str(exc))
+    record = replace(record, sha256=hashlib.sha256(data).hexdigest())
     if not data:
-        return _Decoded(candidate.index, sha, error_reason="empty_file", error_detail="0 bytes")
+        return replace(record, error_reason="empty_file", error_detail="0 bytes")
     try:
         decoded = decode_image(data, fit=size, max_pixels=max_pixels)
     except ImageDecodeError as exc:
-        return _Decoded(candidate.index, sha, error_reason=exc.reason, error_detail=exc.detail)
+        return replace(record, error_reason=exc.reason, error_detail=exc.detail)
     except MemoryError:
-        return _Decoded(candidate.index, sha, error_reason="too_many_pixels", error_detail="out of memory")
+        return replace(record, error_reason="too_many_pixels", error_detail="out of memory")
     image = shrink_to_fit(decoded.image, size)
-    staged = Path(staging) / f"{candidate.index}{IMAGE_SUFFIX}"
-    staged.write_bytes(encode_jpeg(image))
-    return _Decoded(
-        candidate.index,
-        sha,
-        perceptual_hash(grey := image.convert("L")),
-        thumbnail_signature(grey),
-        decoded.source_format,
-        decoded.source_size,
-        image.size,
+    staged = f"{candidate.index}{IMAGE_SUFFIX}"
+    (Path(staging) / staged).write_bytes(encode_jpeg(image))
+    return replace(
+        record,
+        staged=staged,
+        phash=perceptual_hash(grey := image.convert("L")),
+        signature=thumbnail_signature(grey),
+        source_format=decoded.source_format,
+        source_size=decoded.source_size,
+        size=image.size,
     )
 
 
-def _decode_all(candidates: list[_Candidate], size: int, max_pixels: int, staging: Path, workers: int):
+def decode_files(
+    candidates: list[_Candidate], size: int, max_pixels: int, staging: Path, workers: int, label: str = "clean"
+) -> list[PhotoRecord]:
+    """Clean's map: decode, shrink and hash each candidate, writing its JPEG into `staging`."""
     jobs = [(c, size, max_pixels, str(staging)) for c in candidates]
-    progress = Progress(len(jobs), "clean")
-    results: list[_Decoded] = []
+    progress = Progress(len(jobs), label)
+    results: list[PhotoRecord] = []
     if workers <= 1 or len(jobs) < 2:
         for job in jobs:
             results.append(_decode_one(job))
@@ -258,16 +268,16 @@ def _decode_all(candidates: list[_Candidate], size: int, max_pixels: int, stagin
     return results
 
 
-def _output_names(kept: list[tuple[_Candidate, _Decoded]]) -> dict[int, str]:
-    """OUT-relative names: the raw stem made safe; a collision gets a short hash of its source."""
-    by_name: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
-    for candidate, _ in kept:
-        by_name[(candidate.category, safe_stem(Path(candidate.source).stem))].append(candidate)
-    names: dict[int, str] = {}
+def _output_names(kept: list[PhotoRecord]) -> dict[str, str]:
+    """OUT-relative names by source: the raw stem made safe; a collision gets a short hash of its source."""
+    by_name: dict[tuple[str, str], list[PhotoRecord]] = defaultdict(list)
+    for record in kept:
+        by_name[(record.category, safe_stem(Path(record.source).stem))].append(record)
+    names: dict[str, str] = {}
     for (category, stem), members in by_name.items():
-        for rank, candidate in enumerate(sorted(members, key=lambda c: c.source)):
-            suffix = "" if rank == 0 else "." + hashlib.sha256(candidate.source.encode()).hexdigest()[:8]
-            names[candidate.index] = f"{category}/{stem}{suffix}{IMAGE_SUFFIX}"
+        for rank, record in enumerate(sorted(members, key=lambda r: r.source)):
+            suffix = "" if rank == 0 else "." + hashlib.sha256(record.source.encode()).hexdigest()[:8]
+            names[record.source] = f"{category}/{stem}{suffix}{IMAGE_SUFFIX}"
     return names
 
 
@@ -275,7 +285,16 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _prepare_out(out: Path) -> None:
+@dataclass(frozen=True)
+class OutputFolder:
+    """OUT, made ready; what it was before, so a refused corrections file can leave it as it was."""
+
+    path: Path
+    created: bool
+    marked: bool
+
+
+def prepare_out(out: Path) -> OutputFolder:
     if out.exists() and not out.is_dir():
         raise CleanError(f"output {out} exists and is not a folder")
     ours = (out / REPORT_NAME).exists() or (out / MARKER_NAME).exists()
@@ -284,9 +303,18 @@ def _prepare_out(out: Path) -> None:
             f"output folder {out} is not empty and holds no {REPORT_NAME}: refusing to write into a folder "
             "that was not made by 'shopvision clean' (choose an empty or new folder)"
         )
+    folder = OutputFolder(out, not out.exists(), (out / MARKER_NAME).exists())
     out.mkdir(parents=True, exist_ok=True)
     # Written before anything else, so a rerun after a crash recognises the folder as ours.
     (out / MARKER_NAME).write_text("made by shopvision clean\n")
+    return folder
+
+
+def check_arguments(raw: Path, size: int) -> None:
+    if not raw.is_dir():
+        raise CleanError(f"raw folder {raw} does not exist or is not a folder")
+    if size < 16:
+        raise CleanError(f"--size must be at least 16 pixels, got {size}")
 
 
 def clean(
@@ -300,19 +328,17 @@ def clean(
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS,
     corrections: Corrections | None = None,
 ) -> CleanResult:
+    """One process: the map (decode_files) over every file, then the reduce (reduce_records); a sharded
+    clean (clean_shards.py) runs the same two functions, the map once per shard."""
     raw, out = Path(raw), Path(out)
-    if not raw.is_dir():
-        raise CleanError(f"raw folder {raw} does not exist or is not a folder")
-    if size < 16:
-        raise CleanError(f"--size must be at least 16 pixels, got {size}")
+    check_arguments(raw, size)
     if _overlaps(Path(os.path.realpath(raw)), Path(os.path.realpath(out))):
         raise CleanError(
             "the raw and output folders must be separate: neither may be, or be inside, the other"
         )
     if corrections:  # a wrong category fails before anything is decoded or written
-        check_categories(corrections, _category_folders(raw))
-    created, marked = not out.exists(), (out / MARKER_NAME).exists()
-    _prepare_out(out)
+        check_categories(corrections, category_folders(raw))
+    folder = prepare_out(out)
     workers = workers or os.cpu_count() or 1
 
     candidates, verdicts = discover(raw)
@@ -320,21 +346,52 @@ def clean(
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed run
     staging.mkdir()
     try:
-        decoded = _decode_all(candidates, size, max_pixels, staging, workers)
-        result = _decide(raw, out, size, candidates, decoded, verdicts, near_duplicate_bits)
-        if corrections:  # all rows apply, or none: nothing is published before this
-            try:
-                result.corrections = apply_corrections(result.files, corrections)
-            except CorrectionsError:  # leave OUT as it was: no marker this run added, no new folder
-                if not marked:
-                    (out / MARKER_NAME).unlink(missing_ok=True)
-                if created:
-                    shutil.rmtree(out / STAGING_NAME, ignore_errors=True)
-                    out.rmdir()
-                raise
-        _publish(out, staging, result, {c.source: c.index for c in candidates})
+        records = decode_files(candidates, size, max_pixels, staging, workers)
+        staged = {r.source: staging / r.staged for r in records if r.staged}
+        return reduce_records(
+            str(raw),
+            folder,
+            size,
+            records,
+            verdicts,
+            staged,
+            move=True,
+            report=report,
+            near_duplicate_bits=near_duplicate_bits,
+            corrections=corrections,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def reduce_records(
+    raw: str,
+    folder: OutputFolder,
+    size: int,
+    records: list[PhotoRecord],
+    verdicts: list[FileVerdict],
+    staged: dict[str, Path],
+    *,
+    move: bool,
+    report: Path | None = None,
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS,
+    corrections: Corrections | None = None,
+) -> CleanResult:
+    """Clean's reduce: duplicates over all records, corrections, then the kept photos (their staged
+    JPEGs, moved or copied) and the report published in OUT. `staged` maps a source to its JPEG."""
+    out = folder.path
+    result = _decide(raw, str(out), size, records, verdicts, near_duplicate_bits)
+    if corrections:  # all rows apply, or none: nothing is published before this
+        try:
+            result.corrections = apply_corrections(result.files, corrections)
+        except CorrectionsError:  # leave OUT as it was: no marker this run added, no new folder
+            if not folder.marked:
+                (out / MARKER_NAME).unlink(missing_ok=True)
+            if folder.created:
+                shutil.rmtree(out / STAGING_NAME, ignore_errors=True)
+                out.rmdir()
+            raise
+    _publish(out, result, staged, move)
     atomic_write_text(report or out / REPORT_NAME, result.to_json())
     if report and report != out / REPORT_NAME:
         atomic_write_text(out / REPORT_NAME, result.to_json())
@@ -342,40 +399,47 @@ def clean(
     return result
 
 
-def _category_folders(raw: Path) -> set[str]:
+def category_folders(raw: Path) -> set[str]:
     """RAW's category names, as `discover` finds them: its folders (links to folders are not walked)."""
     return {entry.name for entry in os.scandir(raw) if entry.is_dir(follow_symlinks=False)}
 
 
-def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
+def walk_order(source: str) -> tuple[str, ...]:
+    """The order `discover` walks RAW in (sorted names, depth first), from a source path alone, so
+    records that come from several shards line up as one walk would have found them."""
+    return tuple(source.split("/"))
+
+
+def _decide(raw, out, size, records, verdicts, bits) -> CleanResult:
     result = CleanResult(str(raw), str(out), size)
-    images: list[_Decoded] = []
-    for candidate, item in zip(candidates, decoded, strict=True):
-        if item.error_reason:
+    verdicts = list(verdicts)
+    images: list[PhotoRecord] = []
+    for record in sorted(records, key=lambda r: walk_order(r.source)):
+        if record.error_reason:
             verdicts.append(
                 FileVerdict(
-                    candidate.source,
-                    candidate.category,
+                    record.source,
+                    record.category,
                     "dropped",
-                    item.error_reason,
-                    item.error_detail,
-                    sha256=item.sha256,
+                    record.error_reason,
+                    record.error_detail,
+                    sha256=record.sha256,
                 )
             )
         else:
-            images.append(item)
+            images.append(record)
     groups, why = group_duplicates(images, bits, NEAR_DUPLICATE_GREY)
     dropped: dict[int, FileVerdict] = {}
     for members in groups.values():
-        group = [candidates[images[m].index] for m in members]
-        categories = sorted({c.category for c in group})
+        group = [images[m] for m in members]
+        categories = sorted({r.category for r in group})
         if len(categories) > 1:
             detail = "the same photo is filed under " + ", ".join(categories)
-            for position, candidate in zip(members, group, strict=True):
-                others = [c.source for c in group if c is not candidate]
+            for position, record in zip(members, group, strict=True):
+                others = [r.source for r in group if r is not record]
                 dropped[position] = FileVerdict(
-                    candidate.source,
-                    candidate.category,
+                    record.source,
+                    record.category,
                     "dropped",
                     "label_conflict",
                     detail,
@@ -383,52 +447,56 @@ def _decide(raw, out, size, candidates, decoded, verdicts, bits) -> CleanResult:
                 )
             continue
         # Keep the best original: most source pixels, then the first source path.
-        keeper = min(members, key=lambda m: (-_area(images[m]), candidates[images[m].index].source))
+        keeper = min(members, key=lambda m: (-_area(images[m]), images[m].source))
         for position in members:
             if position == keeper:
                 continue
             kind = "exact" if images[position].sha256 == images[keeper].sha256 else "near"
             pair = why.get((min(position, keeper), max(position, keeper)), kind)
             dropped[position] = FileVerdict(
-                candidates[images[position].index].source,
-                candidates[images[position].index].category,
+                images[position].source,
+                images[position].category,
                 "dropped",
                 "duplicate",
-                f"{pair} duplicate of {candidates[images[keeper].index].source}",
-                duplicate_of=candidates[images[keeper].index].source,
+                f"{pair} duplicate of {images[keeper].source}",
+                duplicate_of=images[keeper].source,
             )
-    kept = [(candidates[item.index], item) for p, item in enumerate(images) if p not in dropped]
-    names = _output_names(kept)
-    for position, item in enumerate(images):
-        candidate = candidates[item.index]
+    names = _output_names([r for p, r in enumerate(images) if p not in dropped])
+    for position, record in enumerate(images):
         verdict = dropped.get(position) or FileVerdict(
-            candidate.source,
-            candidate.category,
+            record.source,
+            record.category,
             "kept",
-            output=names[candidate.index],
-            product_id=source_product_id(candidate.source),
+            output=names[record.source],
+            product_id=source_product_id(record.source),
         )
-        verdict.sha256 = item.sha256
-        verdict.phash = f"{item.phash:016x}"
-        verdict.source_format = item.source_format
-        verdict.source_size = list(item.source_size)
-        verdict.size = list(item.size) if verdict.status == "kept" else None
+        verdict.sha256 = record.sha256
+        verdict.phash = f"{record.phash:016x}"
+        verdict.source_format = record.source_format
+        verdict.source_size = list(record.source_size)
+        verdict.size = list(record.size) if verdict.status == "kept" else None
         verdicts.append(verdict)
     result.files = sorted(verdicts, key=lambda v: v.source)
     return result
 
 
-def _area(item: _Decoded) -> int:
-    return item.source_size[0] * item.source_size[1]
+def _area(record: PhotoRecord) -> int:
+    return record.source_size[0] * record.source_size[1]
 
 
-def _publish(out: Path, staging: Path, result: CleanResult, index_of: dict[str, int]) -> None:
-    """Move kept photos to their names and remove what a previous run left that this one did not make."""
+def _publish(out: Path, result: CleanResult, staged: dict[str, Path], move: bool) -> None:
+    """Put kept photos at their names (a staged JPEG moved, or copied from a shard's folder, which
+    stays as it is), then remove what a previous run left that this one did not make."""
     wanted = {v.output for v in result.kept}
     for verdict in result.kept:
         target = out / verdict.output
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / f"{index_of[verdict.source]}{IMAGE_SUFFIX}", target)
+        if move:
+            os.replace(staged[verdict.source], target)
+        else:  # through a temporary name, so OUT never holds half a photo under its final name
+            partial = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(staged[verdict.source], partial)
+            os.replace(partial, target)
     for path in sorted(out.rglob("*"), reverse=True):
         relative = path.relative_to(out).as_posix()
         if relative.startswith(STAGING_NAME) or relative in (REPORT_NAME, MARKER_NAME):
