@@ -84,3 +84,45 @@ def test_bad_pipeline_arguments_fail_before_anything_runs(sample_raw, tmp_path, 
     done = run("pipeline", "run", "--data", str(sample_raw), "--workdir", str(work), *extra)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not work.exists()  # nothing started: no MLflow store, no pipeline root
+
+
+HEAVY = ("torch", "torchvision", "mlflow", "kfp")
+LOADED_AFTER = """
+import sys
+from shopvision.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["clean", "--help"], ["train", "--help"], ["pipeline", "run", "--help"]]
+)
+def test_help_imports_no_heavy_package(args):
+    # --help must start fast: torch alone takes ~3 s to import here, so no command may pull it (or
+    # mlflow, kfp) in while building the parser; the step's imports happen when it runs.
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_AFTER, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.splitlines()[-1].split())
+    assert "argparse" in loaded and not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_clean_runs_without_importing_torch(sample_raw, tmp_path):
+    # A whole clean (decoding, hashing, duplicates) needs Pillow and numpy only: torch's start-up was
+    # most of clean's time on a small folder.
+    script = LOADED_AFTER.replace("main(sys.argv[1:])", "assert main(sys.argv[1:]) == 0")
+    done = subprocess.run(
+        [sys.executable, "-c", script, "clean", str(sample_raw), str(tmp_path / "c"), "--size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c" / "clean_report.json").is_file()
+    loaded = set(done.stdout.splitlines()[-1].split())
+    assert "PIL" in loaded and not loaded & set(HEAVY), loaded & set(HEAVY)

@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import StepError
+from .architectures import ARCHITECTURES
 
 SPEC_NAME = "model_spec.json"
 WEIGHTS_NAME = "weights.pt"
-RESNET_DEPTHS = (18, 34, 50, 101, 152)
-ARCHITECTURES = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("efficientnet_lite0",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def add_parser(steps) -> None:
-    from shopvision.components.training.models import ARCHITECTURES, RESNET_DEPTHS
+    from shopvision.components.training.architectures import ARCHITECTURES, RESNET_DEPTHS
 
     p = add_step(
         steps,

@@ -1,0 +1,5 @@
+"""The architectures `train` can build, as plain names: torch-free, so the CLI can offer them as
+choices without importing torch (models.py builds them)."""
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+ARCHITECTURES = tuple(f"resnet{d}" for d in RESNET_DEPTHS) + ("efficientnet_lite0",)
