@@ -58,6 +58,7 @@ from .state import ServingState
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .live_quality import LiveQuality
     from .similar import SimilarAnswer, SimilarPhotos
 
 log = logging.getLogger("shopvision.serving")
@@ -70,12 +71,16 @@ SIMILAR_MAX_PENDING = 64  # /similar queries waiting for or in the search thread
 def create_app(
     state: ServingState,
     background: Sequence[Callable[[ServingState], Coroutine[Any, Any, None]]] = (),
+    quality: LiveQuality | None = None,
 ) -> FastAPI:
-    """The app over a loaded, warmed model. `background` coroutines (the alias watcher) run while it serves."""
+    """The app over a loaded, warmed model. `background` coroutines (the alias watcher) run while it serves.
+    `quality` (live_quality.py) watches the answers: drift, the prediction log, the shadow challenger."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.batcher.start()
+        if quality is not None:
+            quality.start()
         tasks = [asyncio.create_task(make(state)) for make in background]
         state.ready = True
         log.info("ready: serving %s as %r", state.model.describe(), state.settings.model_name)
@@ -87,6 +92,8 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.batcher.stop()
+            if quality is not None:
+                await asyncio.to_thread(quality.stop)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
             if state.similar_pool is not None:
                 state.similar_pool.shutdown(wait=False, cancel_futures=True)
@@ -102,6 +109,12 @@ def create_app(
     settings = state.settings
 
     install_error_handlers(app)
+
+    def watched(predictions: list, **photos) -> list:
+        """The answers, after `quality` saw them (counters and bounded queues only: it never waits)."""
+        if quality is not None:
+            quality.observe(predictions, **photos)
+        return predictions
 
     # --- health and metadata ---
 
@@ -214,6 +227,7 @@ def create_app(
             predictions = await classify_images(
                 state, model, blobs, [f"input {item.name!r} element {i}" for i in range(len(blobs))]
             )
+            watched(predictions, blobs=blobs)
         else:
             with state.admission.admit(len(array)):
                 try:
@@ -221,7 +235,7 @@ def create_app(
                 except InputError as exc:
                     raise ApiError(400, f"input {item.name!r}: {exc}") from None
                 del array
-                predictions = await run_batch(state, model, tensors)
+                predictions = watched(await run_batch(state, model, tensors), tensors=tensors)
         return JSONResponse(
             protocol.infer_response(settings.model_name, infer_request, predictions, model.threshold)
         )
@@ -248,6 +262,7 @@ def create_app(
         async with state.json_budget.reserve(await in_thread(state, protocol.json_cost, body)):
             blobs = await in_thread(state, protocol.v1_images, body, settings.max_photos)
         predictions = await classify_images(state, model, blobs, [f"instance {i}" for i in range(len(blobs))])
+        watched(predictions, blobs=blobs)
         return JSONResponse(protocol.v1_response(settings.model_name, predictions))
 
     # --- upload route for people and curl ---
@@ -266,7 +281,7 @@ def create_app(
     async def predict(request: Request) -> JSONResponse:
         model = serving_model(state, settings.model_name)
         names, blobs = await read_uploads(request, settings.max_photos)
-        predictions = await classify_images(state, model, blobs, names)
+        predictions = watched(await classify_images(state, model, blobs, names), blobs=blobs)
         return JSONResponse(
             protocol.predict_response(settings.model_name, names, predictions, model.threshold)
         )
@@ -328,6 +343,20 @@ def create_app(
                 names[0], finder.size, answer.neighbours, answer.embedding if embedding else None
             )
         )
+
+    @app.get(
+        "/v2/models/{name}/drift",
+        tags=["ops"],
+        responses={404: {"model": schemas.ErrorBody}},
+        summary="Live answer statistics over the window, drift scores against the version's baseline, "
+        "the shadow challenger and the prediction log (what /metrics shows, as JSON)",
+    )
+    async def drift(name: str) -> dict:
+        if (missing := unknown_model(state, name)) is not None:
+            raise missing
+        if quality is None:
+            raise ApiError(404, "this server does not watch its answers")
+        return {"name": settings.model_name, **quality.snapshot()}
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     async def metrics() -> Response:

@@ -8,6 +8,7 @@
     OUT/confusions.csv       every off-diagonal cell, most photos first
     OUT/coverage.csv/.png    per threshold 0.00..0.99: share of photos at least that sure, accuracy on them
     OUT/model/               the evaluated model with spec.extra["confidence_threshold"] set
+    OUT/drift_baseline.json  its answers' statistics on the test photos, for drift (also in OUT/model/)
 
 `compute_metrics` turns predictions into the metrics dictionary without touching a file, so it can
 be checked on hand-made predictions; `evaluate` adds the reading, writing and MLflow logging.
@@ -30,6 +31,7 @@ from ..data.naming import atomic_write_text, link_or_copy, product_id
 from ..errors import StepError
 from ..step_output import csv_text, prepare_out
 from . import metrics as m
+from .baseline import BASELINE_FILE, baseline_from_answers, write_baseline
 from .outputs import (
     CONFUSION_PNG,
     CONFUSIONS_FILE,
@@ -296,6 +298,16 @@ def evaluate(
         shutil.rmtree(out / MODEL_DIR)
     link_or_copy(model_dir / WEIGHTS_NAME, out / MODEL_DIR / WEIGHTS_NAME)
     atomic_write_text(out / MODEL_DIR / SPEC_NAME, spec.to_json())
+    # What the model's answers look like on held-out photos, at the threshold the server will apply:
+    # the server's drift scores compare its live answers with it (serving/drift.py).
+    baseline = baseline_from_answers(
+        spec.labels,
+        [p.labels[0] for p in predicted.predictions],
+        [p.probabilities[0] for p in predicted.predictions],
+        metrics["coverage"]["served_threshold"],
+    )
+    write_baseline(out / BASELINE_FILE, baseline)
+    link_or_copy(out / BASELINE_FILE, out / MODEL_DIR / BASELINE_FILE)
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=1) + "\n")
     write_evaluation_report(out, test_dir)  # report.html, logged to the run below with the rest of OUT
 

@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> None:
     from shopvision.components.training.model_source import MLFLOW_SCHEMES
     from shopvision.components.training.train_record import resolve_tracking_uri
     from shopvision.serving.app import create_app
+    from shopvision.serving.live_quality import find_baseline
     from shopvision.serving.model import torch_threads
     from shopvision.serving.registry_watch import (
         AliasWatcher,
@@ -146,15 +147,27 @@ def _run(args: argparse.Namespace) -> None:
         # on a CPU the search thread gets a forward worker's share of the cores
         similar_init=forward_init,
     )
+    quality = _live_quality(args, state, ref, model, load)
+    baselines = {}  # version -> its drift baseline, fetched by the watcher's loading thread
+
+    def load_watched(model_ref):
+        new = load(model_ref)
+        baselines[new.version] = find_baseline(model_ref)
+        return new
+
+    def swap_watched(new, model_ref) -> None:
+        state.swap(new, model_ref)
+        quality.serve(new, baselines.pop(new.version, None))
+
     background = []
     if args.watch_alias:
         watcher = AliasWatcher(
-            ref, interval=args.watch_alias, load=load, swap=state.swap, metrics=state.metrics
+            ref, interval=args.watch_alias, load=load_watched, swap=swap_watched, metrics=state.metrics
         )
         background.append(lambda _state: watcher.run())
         log.info("watching %s every %g s", args.model, args.watch_alias)
     uvicorn.run(
-        create_app(state, background),
+        create_app(state, background, quality),
         host=args.host,
         port=args.port,
         workers=1,  # one process owns the GPU; concurrency comes from batching
@@ -165,6 +178,119 @@ def _run(args: argparse.Namespace) -> None:
         # 503 itself (the app's JSON 503 of --max-concurrency comes first for POST requests).
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,  # idle keep-alive connections count against that bound
+    )
+
+
+def _live_quality(args: argparse.Namespace, state, ref, model, load):
+    """Drift against the served version's baseline, and the prediction log and shadow when asked for."""
+    from shopvision.components.errors import StepError
+    from shopvision.serving.drift import WindowSpec
+    from shopvision.serving.live_quality import LiveQuality, find_baseline
+    from shopvision.serving.model import torch_threads
+    from shopvision.serving.prediction_log import PredictionLog
+    from shopvision.serving.registry_watch import resolve
+    from shopvision.serving.shadow import ShadowChallenger
+
+    registry = state.metrics.registry
+    prediction_log = None
+    if args.prediction_log is not None:
+        try:  # a folder that cannot be written fails now, not silently in the writer thread
+            args.prediction_log.parent.mkdir(parents=True, exist_ok=True)
+            args.prediction_log.open("ab").close()
+        except OSError as exc:
+            raise StepError(f"--prediction-log {args.prediction_log}: {exc.strerror or exc}") from None
+        prediction_log = PredictionLog(
+            args.prediction_log,
+            registry,
+            max_bytes=int(args.prediction_log_max_mb * 2**20),
+            backups=args.prediction_log_backups,
+        )
+    shadow = None
+    if args.shadow is not None:
+        shadow = ShadowChallenger(
+            args.shadow,
+            lambda: load(resolve(args.shadow)),  # on the shadow's thread: a failure is only counted
+            registry,
+            fraction=args.shadow_fraction,
+            thread_init=torch_threads(1),
+        )
+    window = WindowSpec(
+        photos=args.drift_window, minutes=args.drift_window_minutes, min_photos=args.drift_min_photos
+    )
+    quality = LiveQuality(
+        registry, state.settings.model_name, window, prediction_log=prediction_log, shadow=shadow
+    )
+    quality.serve(model, find_baseline(ref, args.drift_baseline))
+    return quality
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
+def _live_quality_flags(p: argparse.ArgumentParser) -> None:
+    from shopvision.serving.drift import DEFAULT_MIN_PHOTOS, DEFAULT_WINDOW_PHOTOS
+    from shopvision.serving.prediction_log import DEFAULT_BACKUPS, DEFAULT_MAX_MB
+    from shopvision.serving.shadow import DEFAULT_FRACTION
+
+    p.add_argument(
+        "--drift-window",
+        type=positive_int,
+        metavar="PHOTOS",
+        default=DEFAULT_WINDOW_PHOTOS,
+        help="drift statistics over the last PHOTOS answered photos",
+    )
+    p.add_argument(
+        "--drift-window-minutes",
+        type=positive_float,
+        metavar="MINUTES",
+        help="drift statistics over the photos of the last MINUTES instead (at most 100,000 photos)",
+    )
+    p.add_argument(
+        "--drift-min-photos",
+        type=positive_int,
+        default=DEFAULT_MIN_PHOTOS,
+        help="photos the window must hold before drift scores are given",
+    )
+    p.add_argument(
+        "--drift-baseline",
+        metavar="FILE|URI",
+        help="the drift baseline (default: the one logged with the served version, or drift_baseline.json "
+        "beside a model folder)",
+    )
+    p.add_argument(
+        "--prediction-log",
+        type=Path,
+        metavar="FILE",
+        help="append one JSON line per answered photo (time, model version, top-5, confidence; never the "
+        "photo) to FILE, rotated; written by a background thread, dropped (and counted) when it lags",
+    )
+    p.add_argument(
+        "--prediction-log-max-mb",
+        type=positive_float,
+        default=DEFAULT_MAX_MB,
+        help="size of FILE before rotating",
+    )
+    p.add_argument(
+        "--prediction-log-backups",
+        type=int,
+        default=DEFAULT_BACKUPS,
+        help="rotated files kept (FILE.1 ...); the log holds at most (backups + 1) x max-mb",
+    )
+    p.add_argument(
+        "--shadow",
+        metavar="MODEL",
+        help="a challenger (models:/NAME@challenger, ...) run off the answer path on a fraction of photos: "
+        "its agreement with the served answers, confidence and latency go to /metrics and the drift route",
+    )
+    p.add_argument(
+        "--shadow-fraction",
+        type=_fraction,
+        default=DEFAULT_FRACTION,
+        help="share of answered photos the challenger also sees",
     )
 
 
@@ -306,3 +432,4 @@ def add_parser(steps) -> None:
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn access log)")
+    _live_quality_flags(p)
