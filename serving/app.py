@@ -144,7 +144,7 @@ def create_app(
         return {
             "name": settings.model_name,
             "versions": [model.version],
-            "platform": "pytorch",
+            "platform": model.platform,
             "inputs": [
                 {"name": schemas.IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
                 {"name": schemas.PIXELS_INPUT, "datatype": "FP32", "shape": [-1, 3, size, size]},
@@ -170,6 +170,8 @@ def create_app(
                 "source": state.source,
                 "device": str(model.device),
                 "precision": model.precision,
+                "runtime": model.runtime_name,  # torch, onnx or onnx-int8 (serve --runtime)
+                "threads_per_pass": model.threads,  # CPU threads of one forward pass (0: a GPU)
                 "limits": {  # what one request may carry (more: 413/422 before any work)
                     "max_photos_per_request": settings.max_photos,
                     "max_pixels_per_photo": model.max_pixels,

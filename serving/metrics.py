@@ -70,7 +70,7 @@ class ServingMetrics:
         self.model_info = Gauge(
             "shopvision_model_info",
             "The model version being served (value 1)",
-            ["model", "version", "source", "device", "precision"],
+            ["model", "version", "source", "device", "precision", "runtime", "threads"],
             registry=r,
         )
         self.model_version = Gauge(
@@ -118,9 +118,19 @@ class ServingMetrics:
             self.errors.labels(route, str(code)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def set_model(self, *, model: str, version: str, source: str, device: str, precision: str) -> None:
+    def set_model(
+        self,
+        *,
+        model: str,
+        version: str,
+        source: str,
+        device: str,
+        precision: str,
+        runtime: str = "torch",
+        threads: int = 0,
+    ) -> None:
         self.model_info.clear()
-        self.model_info.labels(model, version, source, device, precision).set(1)
+        self.model_info.labels(model, version, source, device, precision, runtime, str(threads)).set(1)
         self.model_version.set(int(version) if version.isdigit() else -1)
 
     def render(self) -> bytes:

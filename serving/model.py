@@ -3,12 +3,12 @@
 KServe's custom-predictor split: this class knows photos, tensors and probabilities, and nothing of
 HTTP, batching or the registry (`app.py`, `batcher.py` and `registry_watch.py` own those). Photos are
 decoded by `components.images.decode_image` and preprocessed by `models.eval_transform`, the same
-code evaluation and the MLflow pyfunc use, so the server answers what evaluation measured.
+code evaluation and the MLflow pyfunc use, so the server answers what evaluation measured. The
+forward pass itself runs in a runtime (`runtime.py`: PyTorch, or ONNX Runtime on the CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -22,6 +22,7 @@ from PIL import Image
 from shopvision.components.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from shopvision.components.training.models import eval_transform, load_classifier
 
+from .runtime import OnnxFiles, Runtime, choose_runtime, load_runtime
 from .settings import DEFAULT_MAX_ASPECT_RATIO
 
 log = logging.getLogger("shopvision.serving")
@@ -156,17 +157,25 @@ class PhotoClassifier:
         threshold_tag: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        runtime: str = "torch",
+        threads: int = 1,
     ) -> None:
+        """`runtime` is `--runtime` (see runtime.py; `auto` picks per device and model); `threads` the
+        CPU threads of one forward pass, what each forward worker's share of the cores is."""
         self.version = str(version)
-        self.device = pick_device(device)
-        self.autocast_dtype = pick_precision(self.device, precision)
+        device_type = pick_device(device)
         network, self.spec = load_classifier(Path(model_dir), "cpu")
-        if self.spec.arch.startswith("resnet"):
+        onnx_files = OnnxFiles.beside(model_dir)
+        self.runtime_name, self.runtime_reason = choose_runtime(runtime, device_type, onnx_files)
+        if self.runtime_name != "torch" and precision not in ("auto", "fp32"):
+            raise ValueError(f"--precision {precision} is PyTorch autocast: serve with --runtime torch")
+        self.device = device_type if self.runtime_name == "torch" else torch.device("cpu")
+        self.autocast_dtype = pick_precision(self.device, precision) if self.runtime_name == "torch" else None
+        if self.runtime_name == "torch" and self.spec.arch.startswith("resnet"):
             network = fold_batch_norms(network)
-        # channels_last (NHWC) lets cuDNN pick tensor-core convolutions and oneDNN its blocked CPU
-        # kernels (measured here: ResNet-18 at 224 px ~1.2-1.5× faster on the CPU, BN folding included).
-        self.memory_format = torch.channels_last
-        self.network = network.to(self.device, memory_format=self.memory_format).eval()
+        self.runtime: Runtime = load_runtime(
+            self.runtime_name, onnx_files, network, self.device, self.autocast_dtype, threads
+        )
         self.transform = eval_transform(self.spec)
         self.max_pixels = max_pixels
         self.max_aspect_ratio = max_aspect_ratio
@@ -184,7 +193,19 @@ class PhotoClassifier:
 
     @property
     def precision(self) -> str:
+        if self.runtime_name == "onnx-int8":
+            return "int8"
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+    @property
+    def threads(self) -> int:
+        """CPU threads of one forward pass (0 on a GPU)."""
+        return self.runtime.threads
+
+    @property
+    def platform(self) -> str:
+        """The Open Inference Protocol's name for the runtime: pytorch or onnxruntime_onnx."""
+        return self.runtime.platform
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes to a normalised 3×S×S tensor; raises ImageDecodeError for bad files,
@@ -202,18 +223,8 @@ class PhotoClassifier:
         return list(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
 
     def predict(self, batch: torch.Tensor) -> list[Prediction]:
-        """Top-k categories for an N×3×S×S batch, in one forward pass."""
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.contiguous(memory_format=self.memory_format)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            logits = self.network(batch)
-        top = torch.softmax(logits.float(), dim=1).topk(self.k, dim=1)
+        """Top-k categories for an N×3×S×S batch, in one forward pass of the runtime."""
+        top = torch.softmax(self.runtime.logits(batch), dim=1).topk(self.k, dim=1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         labels = self.spec.labels
         return [
@@ -237,6 +248,7 @@ class PhotoClassifier:
     def describe(self) -> str:
         return (
             f"{self.spec.arch} {self.spec.image_size}px, {self.spec.num_classes} categories, version "
-            f"{self.version}, {self.device} {self.precision}, threshold {self.threshold:g} "
-            f"({self.threshold_source})"
+            f"{self.version}, {self.runtime_name} on {self.device} {self.precision}"
+            f"{f', {self.threads} thread(s) per pass' if self.threads else ''} ({self.runtime_reason}), "
+            f"threshold {self.threshold:g} ({self.threshold_source})"
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")  # serve --runtime; see runtime.py
 DEFAULT_MAX_ASPECT_RATIO = 20.0  # longer side / shorter side of one photo the server preprocesses
 DEFAULT_MODEL_NAME = "shopvision"  # the OIP name of a model that is not from the registry
 CGROUP = Path("/sys/fs/cgroup")

@@ -89,4 +89,6 @@ class ServingState:
             source=self.source,
             device=str(m.device),
             precision=m.precision,
+            runtime=m.runtime_name,
+            threads=m.threads,
         )

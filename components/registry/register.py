@@ -136,6 +136,7 @@ class RegisterResult:
     run_id: str
     source: str  # models:/m-<id>, the run's logged model
     tags: dict[str, str] = field(default_factory=dict)
+    onnx: str | None = None  # what the ONNX export wrote and measured, when it ran
 
     @property
     def model_uri(self) -> str:
@@ -219,9 +220,19 @@ def registration_tags(client, run, test_metrics: Mapping | None) -> dict[str, st
 
 
 def register(
-    run_id: str, name: str, *, test_metrics: Path | Mapping | None = None, tracking_uri: str | None = None
+    run_id: str,
+    name: str,
+    *,
+    test_metrics: Path | Mapping | None = None,
+    tracking_uri: str | None = None,
+    onnx_photos: Path | None = None,
+    quantize: str | None = None,
 ) -> RegisterResult:
-    """A new version of registered model NAME from the model logged by RUN_ID, with its tags."""
+    """A new version of registered model NAME from the model logged by RUN_ID, with its tags.
+
+    With `onnx_photos` the logged model also gets model.onnx (and with `quantize="int8"`
+    model.int8.onnx), checked on those photos before the version exists (onnx_export.py): a failed
+    check registers nothing."""
     from mlflow.exceptions import MlflowException
 
     client, _ = connect(tracking_uri)
@@ -232,6 +243,14 @@ def register(
     metrics = read_test_metrics(test_metrics) if isinstance(test_metrics, str | Path) else test_metrics
     source, model_id = _logged_model(client, run)
     tags = registration_tags(client, run, metrics)
+    exported = None
+    if onnx_photos is not None:
+        from .onnx_export import attach_to_logged_model
+
+        exported = attach_to_logged_model(client, source, model_id, Path(onnx_photos), quantize)
+        tags.update(exported.tags())
+    elif quantize is not None:
+        raise StepError("--quantize needs --onnx-photos: int8 is calibrated and judged on photos")
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -241,7 +260,9 @@ def register(
         version = client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model_id)
     except MlflowException as exc:
         raise StepError(f"cannot register {source} as {name}: {first_line(exc)}") from None
-    return RegisterResult(name, str(version.version), run_id, source, tags)
+    return RegisterResult(
+        name, str(version.version), run_id, source, tags, exported.summary() if exported else None
+    )
 
 
 def register_summary(result: RegisterResult) -> str:
@@ -250,6 +271,8 @@ def register_summary(result: RegisterResult) -> str:
         for k in ("val_top1_error", "test_top1_accuracy", THRESHOLD_KEY, "code_version")
         if k in result.tags
     )
-    return f"register: {result.name} version {result.version} from run {result.run_id} ({result.source})" + (
-        f"; {shown}" if shown else ""
+    return (
+        f"register: {result.name} version {result.version} from run {result.run_id} ({result.source})"
+        + (f"; {shown}" if shown else "")
+        + (f"; {result.onnx}" if result.onnx else "")
     )

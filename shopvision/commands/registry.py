@@ -14,7 +14,14 @@ ORDER = 35
 def _run_register(args: argparse.Namespace) -> None:
     from shopvision.components.registry.register import register, register_summary
 
-    result = register(args.run_id, args.name, test_metrics=args.test_metrics, tracking_uri=args.tracking_uri)
+    result = register(
+        args.run_id,
+        args.name,
+        test_metrics=args.test_metrics,
+        tracking_uri=args.tracking_uri,
+        onnx_photos=args.onnx_photos,
+        quantize=args.quantize,
+    )
     print(register_summary(result))
 
 
@@ -100,6 +107,20 @@ def add_parser(steps) -> None:
     register.add_argument("--name", required=True, help="registered model name")
     register.add_argument(
         "--test-metrics", type=Path, help="metrics.json from 'shopvision evaluate' (test scores, threshold)"
+    )
+    register.add_argument(
+        "--onnx-photos",
+        type=Path,
+        metavar="DIR",
+        help="also store the model as model.onnx (for 'serve --runtime onnx'), checked on these photos: "
+        "a split folder (test/ checks, val/ calibrates int8) or DIR/<category>/<photo>; top-5 must "
+        "equal PyTorch's and probabilities agree to 1e-4, else nothing is registered",
+    )
+    register.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="with --onnx-photos: also model.int8.onnx, static int8 calibrated on val/, its top-1 "
+        "change on test/ stored as tags (serve's --runtime auto uses it only if <= 1%% of answers change)",
     )
     _tracking(register)
 

@@ -81,11 +81,17 @@ def _run(args: argparse.Namespace) -> None:
 
     ref = resolve(args.model)
     log.info("model %s", ref.describe())
+    cores = available_cores()
+    # On a CPU each forward worker gets an equal share of the cores, whichever runtime runs the pass.
+    cpu_workers = args.forward_workers or auto_forward_workers("cpu", cores)
+    cpu_threads = args.threads_per_worker or max(1, cores // cpu_workers)
     options = {
         "device": args.device,
         "precision": args.precision,
         "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
         "max_aspect_ratio": args.max_aspect_ratio,
+        "runtime": args.runtime,
+        "threads": cpu_threads,
     }
     warm_up = (1, args.max_batch_size)
 
@@ -110,16 +116,16 @@ def _run(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         max_connections=args.max_connections,
     )
-    cores = available_cores()
     settings.forward_workers = args.forward_workers or auto_forward_workers(model.device.type, cores)
     # Decoding threads run small torch ops on the CPU: one thread each, so they do not fight the
-    # forward passes for cores. On a CPU each forward worker gets an equal share of the cores.
+    # forward passes for cores.
     decode_init, forward_init = torch_threads(1), None
     if model.device.type == "cpu":
-        forward_init = torch_threads(args.threads_per_worker or max(1, cores // settings.forward_workers))
+        forward_init = torch_threads(cpu_threads)
     log.info(
-        "%d forward worker(s) on %d core(s), batches of up to %d photos gathered for up to %g ms; "
-        "serving as %r",
+        "runtime %s: %d forward worker(s) on %d core(s), batches of up to %d photos gathered for up to "
+        "%g ms; serving as %r",
+        model.runtime_name if not model.threads else f"{model.runtime_name} ({model.threads} thread(s) each)",
         settings.forward_workers,
         cores,
         settings.max_batch_size,
@@ -295,7 +301,7 @@ def _live_quality_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(steps) -> None:
-    from shopvision.serving.settings import DEVICES, PRECISIONS, ServerSettings
+    from shopvision.serving.settings import DEVICES, PRECISIONS, RUNTIMES, ServerSettings
 
     defaults = ServerSettings()
     p = add_step(
@@ -327,6 +333,14 @@ def add_parser(steps) -> None:
         choices=PRECISIONS,
         default="auto",
         help="autocast dtype (auto: bf16 on GPUs that have it, else fp16; fp32 on CPU)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the forward pass: torch, onnx (the version's model.onnx in ONNX Runtime, CPU), "
+        "onnx-int8 (its model.int8.onnx); auto: PyTorch bf16 on a GPU, on the CPU int8 when at most "
+        "1%% of test answers changed at export, else onnx, else torch",
     )
     p.add_argument(
         "--max-batch-size",
