@@ -27,10 +27,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The browser tests (tests/test_pages.py) drive Debian's chromium through chromedriver; CI runs as root.
+# The browser tests (tests/test_pages.py) drive Debian's chromium through chromedriver, and the alert
+# rule tests (tests/test_alert_rules.py) run promtool from Debian's prometheus; CI runs as root.
 test: $(STAMP)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update && apt-get install -y chromium chromium-driver)
+	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

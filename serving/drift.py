@@ -30,7 +30,7 @@ from shopvision.components.evaluation.baseline import CONFIDENCE_BINS, Baseline,
 STATISTICS = ("confidence", "category", "low_confidence")
 # Drift scores above these are drift; the alert rules (manifests/base/alerts/) fire on the same values
 # held for 30 minutes (tests/test_alert_rules.py checks they agree).
-DRIFT_THRESHOLDS = {"confidence": 0.1, "category": 0.15, "low_confidence": 0.1}
+DRIFT_THRESHOLDS = {"confidence": 0.1, "category": 0.15, "low_confidence": 0.05}
 DEFAULT_WINDOW_PHOTOS = 1000
 DEFAULT_MIN_PHOTOS = 100
 MAX_WINDOW_PHOTOS = 100_000  # a minutes window is also bounded in photos (memory)
