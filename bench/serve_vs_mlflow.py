@@ -8,26 +8,32 @@ claim is a number anyone can re-run:
 1. registers one classifier (default: ResNet-18 at 224 px, the size the project trains and serves
    at; 12 categories, the sample data's labels; random weights, which cost exactly what trained
    ones cost) as version 1 of a model in a throw-away MLflow store (SQLite + a local artifact
-   folder) and points @champion at it;
-2. starts `shopvision serve --model models:/NAME@champion` and
+   folder) with `shopvision register --onnx-photos` (and `--quantize int8` when onnx-int8 is
+   among `--runtimes`), so the version carries model.onnx, checked, and model.int8.onnx; points
+   @champion at it;
+2. starts one `shopvision serve --model models:/NAME@champion --runtime R` per runtime in
+   `--runtimes` (default torch, onnx, onnx-int8) and
    `mlflow models serve -m models:/NAME@champion --env-manager local` (the logged pyfunc, MLflow's
-   defaults: one uvicorn worker) and waits until both are ready;
-3. loads one server at a time: a warm-up, then `--rounds` timed rounds that alternate between the
-   servers (ABBA...), `--seconds` in all per server, so background load that drifts during the run
-   falls on both alike (an idle server uses no CPU);
-4. prints requests/s and p50/p99 latency of both, and the ratios.
+   defaults: one uvicorn worker) and waits until all are ready;
+3. loads one server at a time: a warm-up, then `--rounds` timed rounds that alternate the order of
+   the servers (ABC.., ..CBA), `--seconds` in all per server, so background load that drifts during
+   the run falls on all alike (an idle server uses no CPU);
+4. prints requests/s and p50/p99 latency of each, and each runtime's ratios to mlflow's, with the
+   int8 file's top-1 change measured at registration beside it.
 
 The load: `--clients` concurrent clients in one asyncio process, each sending one real product
 photo (the sample's JPEGs, base64 in JSON, the same bytes to both servers) per request and sending
 the next as soon as the answer arrives, for `--seconds`. shopvision gets the Open Inference Protocol
 request (`/v2/models/bench-classifier/infer`, BYTES input); MLflow gets its own (`/invocations`,
 `dataframe_split` with the `image` column its signature declares). Both answers are checked to name
-the same top category for the same photo before timing starts.
+the same top category for the same photo before timing starts (int8 is compared apart: it may
+differ, and how often is what its registration tags say).
 
 The client shares the machine with the server under test; both servers pay the same for it.
 Nothing lands in the repository: everything goes to a temporary folder removed at the end.
 
     .venv/bin/python bench/serve_vs_mlflow.py [--seconds 30] [--rounds 2] [--clients 8] [--image-size 224]
+        [--runtimes torch,onnx,onnx-int8]
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +60,8 @@ BIN = Path(sys.executable).parent
 MODEL_NAME = "bench-classifier"
 SERVED_AS = MODEL_NAME  # the OIP name defaults to the registered model's name
 GOAL = 3.0  # the issue's goal: at least this many times the requests/s of mlflow models serve
+RUNTIMES = ("torch", "onnx", "onnx-int8")  # shopvision serve --runtime, one server each
+MLFLOW = "mlflow models serve"
 START_TIMEOUT_S = 300.0
 
 
@@ -100,11 +108,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def register_model(folder: Path, arch: str, image_size: int) -> str:
-    """Save, log and register the classifier; returns the tracking URI of the store."""
+def sample_split(folder: Path) -> Path:
+    """The sample photos as a split folder for the ONNX check and int8: every other photo of each
+    category in test/, the rest in val/ (calibration), as symbolic links."""
+    for category in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
+        for index, photo in enumerate(sorted(category.glob("*.jpg"))):
+            target = folder / ("test" if index % 2 == 0 else "val") / category.name / photo.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(photo)
+    return folder
+
+
+def register_model(folder: Path, arch: str, image_size: int, quantize: bool) -> tuple[str, dict[str, str]]:
+    """Save, log and register the classifier with its ONNX files; (tracking URI, version tags)."""
     import mlflow
     import torch
 
+    from shopvision.components.registry.register import register, register_summary
     from shopvision.components.training.models import ModelSpec, build_model, save_classifier
     from shopvision.components.training.tracking import log_classifier
 
@@ -115,10 +135,19 @@ def register_model(folder: Path, arch: str, image_size: int) -> str:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("bench", artifact_location=(folder / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_classifier(folder / "model", registered_model_name=MODEL_NAME)
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", info.registered_model_version)
-    return uri
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log_classifier(folder / "model")
+    started = time.perf_counter()
+    result = register(
+        run.info.run_id,
+        MODEL_NAME,
+        tracking_uri=uri,
+        onnx_photos=sample_split(folder / "photos"),
+        quantize="int8" if quantize else None,
+    )
+    print(f"{register_summary(result)} ({time.perf_counter() - started:.0f} s)", flush=True)
+    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", result.version)
+    return uri, result.tags
 
 
 def wait_until(url: str, process: subprocess.Popen, log_path: Path) -> None:
@@ -277,7 +306,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=32, help="shopvision serve --max-batch-size")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="shopvision serve --max-wait-ms")
     parser.add_argument("--device", default="auto", help="shopvision serve --device")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--runtimes",
+        type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
+        default=list(RUNTIMES),
+        help=f"shopvision serve --runtime values, one server each (default {','.join(RUNTIMES)})",
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.runtimes) - {"auto", *RUNTIMES})
+    if unknown or not args.runtimes:
+        parser.error(f"--runtimes: unknown {unknown}; choose from auto,{','.join(RUNTIMES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,44 +331,51 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         folder = Path(tmp)
-        tracking_uri = register_model(folder, args.arch, args.image_size)
+        tracking_uri, tags = register_model(folder, args.arch, args.image_size, "onnx-int8" in args.runtimes)
         env = dict(
             os.environ,
             MLFLOW_TRACKING_URI=tracking_uri,
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         model_uri = f"models:/{MODEL_NAME}@champion"
-        ours_port, theirs_port = free_port(), free_port()
-        ours_command = [
-            str(BIN / "shopvision"), "serve", "--model", model_uri, "--port", str(ours_port),
-            "--device", args.device, "--max-batch-size", str(args.max_batch_size),
-            "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
-        ]  # fmt: skip
-        theirs_command = [
-            str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", "127.0.0.1", "-p", str(theirs_port),
-        ]  # fmt: skip
-        ours_base, theirs_base = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{theirs_port}"
-        servers = {  # name: (url, request bodies, top category of an answer)
-            "shopvision serve": (f"{ours_base}/v2/models/{SERVED_AS}/infer", shopvision_body, shopvision_top),
-            "mlflow models serve": (f"{theirs_base}/invocations", mlflow_body, mlflow_top),
-        }
-        # Both stay up for the whole run (an idle server uses no CPU), so the timed rounds can
-        # alternate between them and drifting background load falls on both alike.
-        with (
-            running(ours_command, f"{ours_base}/v2/health/ready", env, folder / "shopvision.log") as ours,
-            running(theirs_command, f"{theirs_base}/ping", env, folder / "mlflow.log") as theirs,
-        ):
-            groups = {"shopvision serve": ours.pid, "mlflow models serve": theirs.pid}
+        servers = {}  # name: (command, ready URL, infer URL, request body, top category of an answer)
+        for runtime in args.runtimes:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            command = [
+                str(BIN / "shopvision"), "serve", "--model", model_uri, "--port", str(port),
+                "--device", args.device, "--runtime", runtime, "--max-batch-size", str(args.max_batch_size),
+                "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
+            ]  # fmt: skip
+            servers[f"shopvision {runtime}"] = (
+                command, f"{base}/v2/health/ready", f"{base}/v2/models/{SERVED_AS}/infer",
+                shopvision_body, shopvision_top,
+            )  # fmt: skip
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        servers[MLFLOW] = (
+            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            f"{base}/ping", f"{base}/invocations", mlflow_body, mlflow_top,
+        )  # fmt: skip
+        # All stay up for the whole run (an idle server uses no CPU), so the timed rounds can
+        # alternate between them and drifting background load falls on all alike.
+        with ExitStack() as stack:
+            groups = {
+                name: stack.enter_context(
+                    running(command, ready, env, folder / f"{name.replace(' ', '-')}.log")
+                ).pid
+                for name, (command, ready, *_) in servers.items()
+            }
             answers = {
                 name: check_answers(url, [body(p) for p in encoded[:4]], top)
-                for name, (url, body, top) in servers.items()
+                for name, (_, _, url, body, top) in servers.items()
             }
             rounds: dict[str, list[LoadResult]] = {name: [] for name in servers}
             for index in range(args.rounds):
                 order = list(servers) if index % 2 == 0 else list(reversed(servers))
                 for name in order:
-                    url, body, _ = servers[name]
+                    _, _, url, body, _ = servers[name]
                     rounds[name].append(
                         measure(
                             name,
@@ -341,36 +387,51 @@ def main(argv: list[str] | None = None) -> int:
                             groups[name],
                         )
                     )
-        results = [merged(r) for r in rounds.values()]
+        results = {name: merged(r) for name, r in rounds.items()}
 
-    if len(set(map(tuple, answers.values()))) != 1:
-        print(f"warning: the servers disagree on the top category: {answers}")
+    exact = {name: a for name, a in answers.items() if "int8" not in name}
+    if len(set(map(tuple, exact.values()))) != 1:
+        print(f"warning: the servers disagree on the top category: {exact}")
     else:
-        print(f"same top category from both for the first 4 photos: {answers['shopvision serve']}")
+        print(f"same top category from all but int8 for the first 4 photos: {answers[MLFLOW]}")
+    for name in answers.keys() - exact.keys():
+        same = sum(a == b for a, b in zip(answers[name], answers[MLFLOW], strict=True))
+        print(f"{name}: same top category for {same} of the first 4 photos")
     print()
     print(
         f"{'server':<22}{'requests':>10}{'errors':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'cores used':>12}{'req/CPU-s':>11}"
     )
-    for r in results:
+    for r in results.values():
         print(
             f"{r.server:<22}{len(r.latencies):>10}{r.errors:>8}{r.throughput:>9.1f}"
             f"{r.percentile(50) * 1000:>9.0f}{r.percentile(99) * 1000:>9.0f}"
             f"{r.server_cpu / r.seconds:>12.2f}{r.per_cpu_second:>11.2f}"
         )
-    ours, theirs = results
-    ratio = ours.throughput / theirs.throughput if theirs.throughput else float("inf")
-    p99_ratio = ours.percentile(99) / theirs.percentile(99)
+    theirs = results[MLFLOW]
     print()
-    print(f"throughput: shopvision serve is {ratio:.2f}x mlflow models serve (goal: >= {GOAL:g}x)")
-    print(f"p99 latency: shopvision serve's is {p99_ratio:.2f}x mlflow's (goal: <= 1)")
+    for name, ours in results.items():
+        if name == MLFLOW:
+            continue
+        ratio = ours.throughput / theirs.throughput if theirs.throughput else float("inf")
+        p99_ratio = ours.percentile(99) / theirs.percentile(99)
+        met = "goal met" if ratio >= GOAL and p99_ratio <= 1 else "goal not met"
+        print(
+            f"throughput: {name} is {ratio:.2f}x {MLFLOW} at {p99_ratio:.2f}x its p99; "
+            f"{ours.per_cpu_second / theirs.per_cpu_second:.2f}x the requests per server CPU second "
+            f"(goal: >= {GOAL:g}x at <= 1x p99: {met})"
+        )
+    if "onnx_int8_top1_flipped_percent" in tags:
+        print(
+            f"int8 at registration: top-1 changed on {tags['onnx_int8_top1_flipped_percent']}% of "
+            f"{tags['onnx_int8_test_photos']} sample photos against fp32, accuracy change "
+            f"{tags['onnx_int8_top1_change']} points (random weights: only the first number means much)"
+        )
     print(
-        f"requests per server CPU second: shopvision serve is {ours.per_cpu_second / theirs.per_cpu_second:.2f}x "
-        "mlflow models serve (independent of how much CPU other work left each)"
-    )
-    print(
-        f"client CPU per request: {ours.client_cpu / max(1, len(ours.latencies)) * 1000:.1f} ms (shopvision), "
-        f"{theirs.client_cpu / max(1, len(theirs.latencies)) * 1000:.1f} ms (mlflow)"
+        "client CPU per request: "
+        + ", ".join(
+            f"{r.client_cpu / max(1, len(r.latencies)) * 1000:.1f} ms ({name})" for name, r in results.items()
+        )
     )
     return 0
 
