@@ -81,3 +81,11 @@ def resized_copy(source: Path, directory: Path, image_size: int, **spec_changes)
     (directory / WEIGHTS_NAME).write_bytes((source / WEIGHTS_NAME).read_bytes())
     (directory / SPEC_NAME).write_text(changed.to_json())
     return directory
+
+
+def cached_probe_model(tmp_path_factory) -> Path:
+    """One probe per test session (fitting it takes ~20 s on 2 cores), shared by the modules using it."""
+    directory = tmp_path_factory.getbasetemp() / "probe-model"
+    if not (directory / "weights.pt").is_file():
+        probe_model(directory)
+    return directory

@@ -19,7 +19,7 @@ import time
 import pytest
 import requests
 from PIL import Image, ImageFilter
-from probe_models import LABELS, held_out, probe_model, sample_photos
+from probe_models import LABELS, cached_probe_model, held_out, sample_photos
 from prometheus_client import CollectorRegistry
 from test_serving import serve_process, wait_ready
 
@@ -37,7 +37,7 @@ SERVED_AS = "shopvision"  # a model folder is served under the default name
 def evaluated(tmp_path_factory):
     """The probe model evaluated on held-out photos: OUT/drift_baseline.json and OUT/model/."""
     folder = tmp_path_factory.mktemp("drift")
-    model = probe_model(folder / "probe")
+    model = cached_probe_model(tmp_path_factory)
     test_dir = folder / "test"
     for path in held_out(1):
         (test_dir / path.parent.name).mkdir(parents=True, exist_ok=True)
@@ -265,3 +265,33 @@ def test_a_stalled_disk_never_blocks_a_request_it_drops_and_counts(tmp_path):
     log.stop()
     drained.join(10)
     assert log.counts["written"] + log.counts["dropped"] == 10_000
+
+
+def test_register_logs_the_baseline_with_the_version_and_the_server_finds_it(evaluated, tmp_path):
+    import mlflow
+
+    from shopvision.components.registry.register import register
+    from shopvision.components.training.tracking import log_classifier
+    from shopvision.serving.live_quality import find_baseline
+    from shopvision.serving.registry_watch import resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("drift", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=experiment) as run:
+            log_classifier(evaluated["eval"] / "model", name="model")
+        metrics = evaluated["eval"] / "metrics.json"
+        registered = register(run.info.run_id, "drifty", test_metrics=metrics, tracking_uri=uri)
+        assert registered.tags["drift_baseline"] == BASELINE_FILE
+        found = find_baseline(resolve(f"models:/drifty/{registered.version}"))
+        expected = read_baseline(evaluated["eval"] / BASELINE_FILE)
+        assert found is not None and found.model_version == registered.version
+        found.model_version = None
+        assert found == expected
+        # A version registered without an evaluation has none, and the server says so (no scores).
+        bare = register(run.info.run_id, "drifty", tracking_uri=uri)
+        assert "drift_baseline" not in bare.tags
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -188,6 +188,27 @@ def read_test_metrics(path: Path | None) -> dict | None:
     return body
 
 
+def log_drift_baseline(
+    client, model_id: str | None, test_metrics: Path | str | Mapping | None
+) -> dict[str, str]:
+    """Log the evaluation's drift_baseline.json (beside its metrics.json) with the logged model, so
+    `models:/NAME/VERSION/drift_baseline.json` is the version's baseline the server compares live
+    answers with; the tag `drift_baseline` says it is there. Nothing without one."""
+    from ..evaluation.baseline import BASELINE_FILE, read_baseline
+
+    if not isinstance(test_metrics, str | Path) or model_id is None:
+        return {}
+    path = Path(test_metrics).parent / BASELINE_FILE
+    if not path.is_file():
+        return {}
+    read_baseline(path)  # a malformed one is an error now, not a silent server without drift scores
+    try:
+        client.log_model_artifact(model_id, str(path))
+    except Exception as exc:  # MLflow's and the artifact store's own errors
+        raise StepError(f"cannot log {path} with model {model_id}: {first_line(exc)}") from None
+    return {"drift_baseline": BASELINE_FILE}
+
+
 def registration_tags(client, run, test_metrics: Mapping | None) -> dict[str, str]:
     """Everything a version carries: source run, data fingerprint, val/test metrics, code, threshold."""
     params, run_tags = run.data.params, run.data.tags
@@ -243,6 +264,7 @@ def register(
     metrics = read_test_metrics(test_metrics) if isinstance(test_metrics, str | Path) else test_metrics
     source, model_id = _logged_model(client, run)
     tags = registration_tags(client, run, metrics)
+    tags.update(log_drift_baseline(client, model_id, test_metrics))
     exported = None
     if onnx_photos is not None:
         from .onnx_export import attach_to_logged_model
