@@ -1,9 +1,10 @@
 """The benchmarks still run: a tiny smoke run of each one that needs nothing outside the venv.
 
-That is train_throughput.py and serve_vs_mlflow.py. clean_vs_imagemagick.py needs ImageMagick, and
-split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its held-out `val_*`
-photos are the reference), so they are run by hand. Speed is not asserted here (timed unit tests lie on
-a shared CI machine); the ratios come from the benchmarks themselves, run by hand (bench/README.md).
+That is train_throughput.py, serve_vs_mlflow.py and near_duplicates.py. clean_vs_imagemagick.py
+needs ImageMagick, and split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its
+held-out `val_*` photos are the reference), so they are run by hand. Speed is not asserted here (timed
+unit tests lie on a shared CI machine); the ratios come from the benchmarks themselves, run by hand
+(bench/README.md).
 What is asserted is that each side of a comparison is measured the same way.
 """
 
@@ -18,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = {"train_throughput.py", "serve_vs_mlflow.py"}  # the venv-only ones, each run below
+# The venv-only ones, each run below.
+BENCHES = {"train_throughput.py", "serve_vs_mlflow.py", "near_duplicates.py"}
 
 
 def _bench_module(name: str):
@@ -125,3 +127,18 @@ def test_serve_bench_measures_both_servers_on_the_same_model():
     ratio = float(re.search(r"throughput: shopvision onnx is ([\d.]+)x", done.stdout).group(1))
     ours, theirs = rows["shopvision onnx"][2], rows["mlflow models serve"][2]
     assert ratio == pytest.approx(ours / theirs, rel=0.05, abs=0.02)
+
+
+def test_near_duplicates_bench_prints_every_size_and_the_growth():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "near_duplicates.py"), "--sizes", "2000", "4000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for kind in ("uniform", "clustered"):
+        assert re.search(rf"^{kind}\s+2000\s+[\d.]+\s+[\d.]+\s+\d+\s*$", done.stdout, re.M), done.stdout
+        grown = re.search(rf"^{kind}\s+4000\s+[\d.]+\s+[\d.]+\s+(\d+)\s+([\d.]+)$", done.stdout, re.M)
+        assert grown, done.stdout
+        assert kind == "uniform" or int(grown[1]) > 0  # the clustered set really holds near pairs
