@@ -9,14 +9,24 @@ from shopvision.components.errors import StepError
 COMPILED = Path(__file__).resolve().parent / "compiled" / "training_pipeline.yaml"
 
 
-def compile_pipeline(target: Path = COMPILED, image: str | None = None) -> Path:
-    """Write the IR YAML; the component image is fixed at compile time (default: the released image)."""
+def compile_pipeline(
+    target: Path = COMPILED, image: str | None = None, image_digest: str | None = None
+) -> Path:
+    """Write the IR YAML; the component image is fixed at compile time (default: the released image).
+
+    `image_digest` (sha256:…) pins the image, tag dropped, so a rebuild under the same tag is a new
+    cache key; every task's source also carries the code version (code_version.py).
+    """
     import importlib
 
     from kfp import compiler
 
-    if image:
-        os.environ["SHOPVISION_IMAGE"] = image
+    from .code_version import pinned_image
+
+    if image or image_digest:
+        from . import components
+
+        os.environ["SHOPVISION_IMAGE"] = pinned_image(image or components.IMAGE, image_digest)
     from . import components, training_pipeline
 
     importlib.reload(components)

@@ -13,11 +13,19 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
+from .code_version import code_version
+
 IMAGE = os.environ.get("SHOPVISION_IMAGE", "ghcr.io/shopvision/shopvision:0.1.0")
+CODE_VERSION = code_version()
 
 
 def component(func):
-    return dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
+    made = dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
+    # The shipped source is in the task's cache key: stamping the code version there makes a cached
+    # result follow the step code, not only this thin wrapper (code_version.py says why).
+    container = made.component_spec.implementation.container
+    container.command[-1] += f"\n# shopvision code version {CODE_VERSION}\n"
+    return made
 
 
 @component
@@ -34,7 +42,7 @@ def fetch_photos(location: str, s3_endpoint: str, data_fingerprint: str, raw: Ou
 
     raw.metadata["data_fingerprint"] = data_fingerprint
     raw.metadata["location"] = location
-    return fetch(location, raw.path, s3_endpoint or None)
+    return fetch(location, raw.path, s3_endpoint or None, expected_fingerprint=data_fingerprint)
 
 
 @component

@@ -208,6 +208,31 @@ def test_fetch_from_s3_keeps_the_layout(s3, sample_raw, tmp_path):
     ) == sorted(p.relative_to(raw) for p in raw.rglob("*.jpg"))
 
 
+def test_fetch_from_s3_refuses_photos_changed_after_the_fingerprint(s3, sample_raw, tmp_path, monkeypatch):
+    from shopvision.components.data import fetch
+
+    raw = _small_raw(sample_raw, tmp_path / "raw", categories=2, photos=2)
+    _upload(s3, "changing", raw, "raw")
+    fingerprint = fingerprint_location("s3://changing/raw")
+    photo = sorted(raw.rglob("*.jpg"))[0]
+    photo.write_bytes(photo.read_bytes()[:-4] + b"edit")
+    _upload(s3, "changing", raw, "raw")  # changed before fetch lists the prefix
+    with pytest.raises(StepError, match="changed between the fingerprint task and fetch"):
+        fetch_photos("s3://changing/raw", tmp_path / "a", expected_fingerprint=fingerprint)
+
+    listed, fingerprint = fetch._s3_objects, fingerprint_location("s3://changing/raw")
+
+    def listed_then_replaced(location, endpoint_url):  # a writer replaces a photo while fetch runs
+        objects = listed(location, endpoint_url)
+        photo.write_bytes(photo.read_bytes()[:-4] + b"more")
+        _upload(s3, "changing", raw, "raw")
+        return objects
+
+    monkeypatch.setattr(fetch, "_s3_objects", listed_then_replaced)
+    with pytest.raises(StepError, match="ETag no longer matches"):
+        fetch_photos("s3://changing/raw", tmp_path / "b", expected_fingerprint=fingerprint)
+
+
 def test_bad_locations_are_clear_errors(s3, tmp_path):
     import boto3
 

@@ -2,18 +2,25 @@
 
 The pipeline's first task fingerprints the location without copying anything (cheap and never
 cached), and the fetch task takes that fingerprint as an argument: the fetch and every later step
-are served from the cache exactly when the photos are byte-for-byte the ones seen before.
+are served from the cache exactly when the photos are byte-for-byte the ones seen before. That only
+holds if what fetch copies is what was fingerprinted, so fetch checks it: a folder's copy is
+fingerprinted again; an S3 listing must match, and each download is conditional on the listed ETag
+(If-Match), so a photo replaced between fingerprint and fetch is a clear error, not a cached run
+over other photos.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import StepError
 from ..progress import Progress
 from .naming import link_or_copy
+
+_CHUNK = 1 << 20
 
 
 def _s3(endpoint_url: str | None):
@@ -45,21 +52,52 @@ def _s3_objects(location: str, endpoint_url: str | None) -> list[dict]:
 
 
 def fingerprint_location(location: str, s3_endpoint_url: str | None = None) -> str:
-    """A content fingerprint: S3 ETags and sizes (no download), or file contents for a folder."""
+    """A content fingerprint: S3 ETags and sizes (no download), or the contents of the files fetch
+    copies from a folder (data_fingerprint's sum, so it equals data_fingerprint of the copy)."""
     if location.startswith("s3://"):
-        digest = hashlib.sha256()
-        for item in _s3_objects(location, s3_endpoint_url):
-            digest.update(f"{item['Key']}\0{item['Size']}\0{item['ETag']}\n".encode())
-        return digest.hexdigest()
-    from .fingerprint import data_fingerprint
+        return _listing_fingerprint(_s3_objects(location, s3_endpoint_url))
+    from .fingerprint import files_fingerprint
 
-    if not Path(location).is_dir():
+    return files_fingerprint(_folder_files(location)[0])
+
+
+def _listing_fingerprint(objects: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for item in objects:
+        digest.update(f"{item['Key']}\0{item['Size']}\0{item['ETag']}\n".encode())
+    return digest.hexdigest()
+
+
+def _folder_files(location: str) -> tuple[list[tuple[str, Path]], int]:
+    """(relative POSIX path, file) for every file fetch copies, and how many links it skips: links
+    are followed only inside the data folder (the same rule as clean)."""
+    source = Path(location)
+    if not source.is_dir():
         raise StepError(f"data location {location} is neither an s3:// prefix nor a folder")
-    return data_fingerprint(Path(location))
+    files, outside = [], 0
+    root = source.resolve()
+    for path in sorted(source.rglob("*")):
+        if path.is_symlink() and root not in path.resolve().parents:
+            outside += 1
+        elif path.is_file():
+            files.append((path.relative_to(source).as_posix(), path))
+    return files, outside
 
 
-def fetch_photos(location: str, dest: Path, s3_endpoint_url: str | None = None) -> int:
-    """Copy (or hard-link) the photos under `location` into dest/<category>/...; returns the count."""
+def _changed(location: str, expected: str, found: str) -> StepError:
+    return StepError(
+        f"the photos under {location} changed between the fingerprint task and fetch "
+        f"(fingerprint {expected[:12]}…, fetched {found[:12]}…): run the pipeline again"
+    )
+
+
+def fetch_photos(
+    location: str, dest: Path, s3_endpoint_url: str | None = None, expected_fingerprint: str | None = None
+) -> int:
+    """Copy (or hard-link) the photos under `location` into dest/<category>/...; returns the count.
+
+    With `expected_fingerprint` (the fingerprint task's), what was copied must have that fingerprint.
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if location.startswith("s3://"):
@@ -67,6 +105,8 @@ def fetch_photos(location: str, dest: Path, s3_endpoint_url: str | None = None) 
 
         bucket, prefix = _split_s3(location)
         objects = _s3_objects(location, s3_endpoint_url)
+        if expected_fingerprint and _listing_fingerprint(objects) != expected_fingerprint:
+            raise _changed(location, expected_fingerprint, _listing_fingerprint(objects))
         client = _s3(s3_endpoint_url)
         progress = Progress(len(objects), "fetch")
         for item in objects:
@@ -76,23 +116,31 @@ def fetch_photos(location: str, dest: Path, s3_endpoint_url: str | None = None) 
                 raise StepError(f"refusing S3 key {item['Key']!r}: it points outside the download folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                client.download_file(bucket, item["Key"], str(target))
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                # If-Match: the bytes listed (and fingerprinted), or an error, never a newer photo.
+                body = client.get_object(Bucket=bucket, Key=item["Key"], IfMatch=item["ETag"])["Body"]
+                with open(target, "wb") as handle:
+                    shutil.copyfileobj(body, handle, _CHUNK)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("412", "PreconditionFailed"):
+                    raise StepError(
+                        f"s3://{bucket}/{item['Key']} changed between the fingerprint task and fetch "
+                        "(its ETag no longer matches): run the pipeline again"
+                    ) from None
+                raise StepError(f"cannot download s3://{bucket}/{item['Key']}: {exc}") from None
+            except botocore.exceptions.BotoCoreError as exc:
                 raise StepError(f"cannot download s3://{bucket}/{item['Key']}: {exc}") from None
             progress.advance()
         progress.close()
         return len(objects)
-    source = Path(location)
-    if not source.is_dir():
-        raise StepError(f"data location {location} is neither an s3:// prefix nor a folder")
-    count, outside = 0, 0
-    root = source.resolve()
-    for path in sorted(source.rglob("*")):
-        if path.is_symlink() and root not in path.resolve().parents:
-            outside += 1  # the same rule as clean: links are followed only inside the data folder
-        elif path.is_file():
-            link_or_copy(path, dest / path.relative_to(source))
-            count += 1
+    files, outside = _folder_files(location)
+    for relative, path in files:
+        link_or_copy(path, dest / relative)
     if outside:
         print(f"fetch: skipped {outside} link(s) pointing outside {location}")
-    return count
+    if expected_fingerprint:
+        from .fingerprint import data_fingerprint
+
+        found = data_fingerprint(dest)
+        if found != expected_fingerprint:
+            raise _changed(location, expected_fingerprint, found)
+    return len(files)

@@ -29,13 +29,18 @@ def data_fingerprint(folder: Path) -> str:
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         files.extend(Path(root, name) for name in names)
-    files = [p for p in files if p.is_file()]
-    files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return files_fingerprint([(p.relative_to(folder).as_posix(), p) for p in files if p.is_file()])
+
+
+def files_fingerprint(files: list[tuple[str, Path]]) -> str:
+    """data_fingerprint's sum over (relative POSIX path, file) pairs: what fetch uses to fingerprint
+    the files it will copy, so the fingerprint of the copy can be checked against it."""
+    files = sorted(files)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(_hash_file, files))
+        digests = list(pool.map(_hash_file, [path for _, path in files]))
     total = hashlib.sha256()
-    for path, (size, digest) in zip(files, digests, strict=True):
-        total.update(os.fsencode(path.relative_to(folder).as_posix()) + b"\0")
+    for (relative, _), (size, digest) in zip(files, digests, strict=True):
+        total.update(os.fsencode(relative) + b"\0")
         total.update(f"{size}\0{digest}\n".encode())
     return total.hexdigest()
 

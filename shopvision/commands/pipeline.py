@@ -12,7 +12,7 @@ ORDER = 90
 def _compile(args: argparse.Namespace) -> None:
     from shopvision.pipelines.cluster import compile_pipeline
 
-    print(f"pipeline: wrote {compile_pipeline(args.output, args.image)}")
+    print(f"pipeline: wrote {compile_pipeline(args.output, args.image, args.image_digest)}")
 
 
 def _arguments(args: argparse.Namespace, defaults: dict) -> dict:
@@ -97,7 +97,15 @@ def add_parser(steps) -> None:
 
     compile_ = add_step(actions, "compile", "write the pipeline's IR YAML", _compile)
     compile_.add_argument("--output", type=Path, default=COMPILED)
-    compile_.add_argument("--image", help="project image for every component (default: the released image)")
+    compile_.add_argument(
+        "--image",
+        help="project image for every component (default: the released image); repo@sha256:… pins it",
+    )
+    compile_.add_argument(
+        "--image-digest",
+        metavar="sha256:HEX",
+        help="pin the image (--image or the released one) at this digest, so a rebuilt tag misses the cache",
+    )
 
     run = add_step(
         actions, "run", "run the whole pipeline on this machine with kfp.local and local MLflow", _run
