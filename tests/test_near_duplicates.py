@@ -5,7 +5,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from shopvision.components.data.near_duplicates import near_pair_arrays, near_pairs
+from shopvision.components.data.images import signature_distance
+from shopvision.components.data.near_duplicates import (
+    UnionFind,
+    group_duplicates,
+    near_pair_arrays,
+    near_pairs,
+)
 
 
 def all_pairs(hashes: list[int], bits: int) -> list[tuple[int, int, int]]:
@@ -63,6 +69,45 @@ def test_many_sizes_and_radii_against_all_pairs():
         bits = int(rng.integers(0, 16))
         a, b, d = near_pair_arrays(hashes, bits)
         assert list(zip(a.tolist(), b.tolist(), d.tolist(), strict=True)) == all_pairs(hashes.tolist(), bits)
+
+
+def groups_as_compared_pair_by_pair(items, bits, grey):
+    """The first release's group_duplicates: every pair of the all-pairs reference, one at a time."""
+    union, why, by_sha = UnionFind(len(items)), {}, {}
+    for position, item in enumerate(items):
+        first = by_sha.setdefault(item.sha256, position)
+        if first != position:
+            union.union(first, position)
+            why[(first, position)] = "exact"
+    for a, b, distance in all_pairs([item.phash for item in items], bits):
+        if (
+            items[a].sha256 != items[b].sha256
+            and signature_distance(items[a].signature, items[b].signature) <= grey
+        ):
+            union.union(a, b)
+            why[(a, b)] = f"near (pHash distance {distance})"
+    groups = {}
+    for position in range(len(items)):
+        groups.setdefault(union.find(position), []).append(position)
+    return {root: members for root, members in groups.items() if len(members) > 1}, why
+
+
+def test_groups_and_reasons_equal_the_pair_by_pair_verdicts():
+    rng = np.random.default_rng(3)
+    hashes = clustered(600, rng).tolist()
+    base = rng.integers(0, 256, (40, 256), dtype=np.uint8)
+    items = []
+    for i, h in enumerate(hashes):
+        # Thumbnails: a few shared scenes with noise, so some near pairs pass the grey test and some fail.
+        noise = rng.integers(-12, 13, 256) if i % 3 else rng.integers(-2, 3, 256)
+        signature = np.clip(base[h % 40].astype(int) + noise, 0, 255).astype(np.uint8).tobytes()
+        items.append(Item(h, sha256=f"sha{h if i % 7 == 0 else i}", signature=signature))
+    groups, why = group_duplicates(items, 6, 8.0)
+    expected_groups, expected_why = groups_as_compared_pair_by_pair(items, 6, 8.0)
+    assert groups == expected_groups and why == expected_why
+    reasons = set(why.values())
+    assert "exact" in reasons and any(r.startswith("near") for r in reasons)
+    assert len(why) < len(all_pairs(hashes, 6))  # the grey test refused some pHash pairs
 
 
 def test_every_photo_the_same_hash_pairs_all_of_them():

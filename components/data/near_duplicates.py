@@ -227,13 +227,34 @@ def group_duplicates(
         if first != position:
             union.union(first, position)
             why[(first, position)] = "exact"
-    for a, b, distance in near_pairs(decoded, bits):
-        if decoded[a].sha256 == decoded[b].sha256:
-            continue
-        if signature_distance(decoded[a].signature, decoded[b].signature) <= grey:
-            union.union(a, b)
-            why[(a, b)] = f"near (pHash distance {distance})"
+    hashes = np.fromiter((item.phash for item in decoded), dtype=np.uint64, count=len(decoded))
+    a, b, distance = near_pair_arrays(hashes, bits)
+    sha_ids = np.array([by_sha[item.sha256] for item in decoded], dtype=np.int64)
+    other_bytes = sha_ids[a] != sha_ids[b]  # exact copies are linked above
+    a, b, distance = a[other_bytes], b[other_bytes], distance[other_bytes]
+    alike = _signature_distances(decoded, a, b) <= grey
+    for x, y, d in zip(a[alike].tolist(), b[alike].tolist(), distance[alike].tolist(), strict=True):
+        union.union(x, y)
+        why[(x, y)] = f"near (pHash distance {d})"
     groups: dict[int, list[int]] = defaultdict(list)
     for position in range(len(decoded)):
         groups[union.find(position)].append(position)
     return {root: members for root, members in groups.items() if len(members) > 1}, why
+
+
+def _signature_distances(decoded: Sequence[Hashed], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """signature_distance of each pair (a[i], b[i]), in numpy batches when every signature has one
+    length (sums of small integers are exact in float64, so the values equal signature_distance's)."""
+    signatures = [item.signature for item in decoded]
+    lengths = {len(s) for s in signatures if s is not None}
+    if len(a) == 0 or None in signatures or len(lengths) != 1:
+        return np.array([signature_distance(signatures[x], signatures[y]) for x, y in zip(a, b, strict=True)])
+    length = lengths.pop()
+    grey = np.frombuffer(b"".join(signatures), np.uint8).reshape(len(signatures), length)
+    step = max(1, 50_000_000 // max(1, 2 * length))
+    return np.concatenate(
+        [
+            np.abs(grey[a[i : i + step]].astype(np.int16) - grey[b[i : i + step]]).mean(axis=1)
+            for i in range(0, len(a), step)
+        ]
+    )
