@@ -62,6 +62,43 @@ def clean_photos(
 
 
 @component
+def plan_clean_shards(shards: int) -> list:
+    """The shard numbers for clean's ParallelFor (a pipeline parameter is a count, ParallelFor wants a list)."""
+    from shopvision.components.data.clean_shards import shard_numbers
+
+    return shard_numbers(shards)
+
+
+@component
+def clean_shard(raw: Input[Dataset], size: int, shard: int, shards: int, photos: Output[Dataset]) -> str:
+    """Decode, shrink and hash one shard's share of the raw photos (duplicates are the merge's job)."""
+    from shopvision.components.data import clean_shards
+
+    return clean_shards.shard_summary(
+        clean_shards.clean_shard(raw.path, photos.path, shard, shards, size=size)
+    )
+
+
+@component
+def clean_merge_shards(
+    shards: Input[list[Dataset]], corrections: str, cleaned: Output[Dataset], report: Output[Artifact]
+) -> str:
+    """Duplicates across all shards, then the photos and report a single clean_photos task would publish."""
+    import shutil
+
+    from shopvision.components.data.clean import REPORT_NAME, summary
+    from shopvision.components.data.clean_shards import merge_shards
+    from shopvision.components.data.corrections import corrections_parameter
+
+    result = merge_shards(
+        [shard.path for shard in shards], cleaned.path, corrections=corrections_parameter(corrections)
+    )
+    shutil.copyfile(f"{cleaned.path}/{REPORT_NAME}", report.path)
+    cleaned.metadata.update(result.totals())
+    return summary(result)
+
+
+@component
 def frozen_test_set(model_name: str, frozen: Output[Artifact]) -> int:
     """The registered model's frozen evaluation set (content hashes), or an empty file before its first promotion."""
     import json

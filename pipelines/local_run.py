@@ -40,6 +40,7 @@ def run_locally(arguments: dict, workdir: Path, *, verbose: bool = False) -> dic
     """
     from kfp import local
 
+    from .kfp_local_compat import allow_oneof_artifacts
     from .run_log import RunLog
     from .training_pipeline import training_pipeline
 
@@ -59,6 +60,7 @@ def run_locally(arguments: dict, workdir: Path, *, verbose: bool = False) -> dic
         pipeline_root=str(workdir / "pipeline-root"),
         raise_on_error=True,
     )
+    allow_oneof_artifacts()  # the cleaned photos come from one of two branches (clean_shards)
     started = time.monotonic()
     run_log = RunLog(workdir, verbose=verbose)
     run_log.say(f"pipeline: running under kfp.local; the full log is in {run_log.path}")

@@ -12,8 +12,9 @@ refer to. A failing task shows its own error lines (the exception its step raise
 
 Tasks are seen by wrapping kfp.local's `task_dispatcher.run_single_task_implementation`, which both
 the DAG orchestrator and a single task call for every container task (kfp 2.17; local caching, off
-by default, would skip it, and a cache hit would show no line). The pipeline runs one task at a
-time (no ParallelFor), so the text written while a task runs is that task's. kfp's warning that the project image
+by default, would skip it, and a cache hit would show no line). kfp.local runs a ParallelFor's
+iterations (clean's shards) in threads, each task in one thread, so a task's text is what its thread
+writes (the capture is per thread). kfp's warning that the project image
 is not a Python image (every task runs in this Python environment: SubprocessRunner, no venv) is
 written once to the log instead of once per task.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -44,7 +46,15 @@ class _Stream:
 
     def __init__(self, log: TextIO, terminal: TextIO | None) -> None:
         self.log, self.terminal = log, terminal
-        self.task: list[str] | None = None
+        self._local = threading.local()  # the text of the task this thread runs
+
+    @property
+    def task(self) -> list[str] | None:
+        return getattr(self._local, "task", None)
+
+    @task.setter
+    def task(self, captured: list[str] | None) -> None:
+        self._local.task = captured
 
     def write(self, text: str) -> int:
         self.log.write(_ANSI.sub("", text))  # kfp colours task names and statuses for a terminal
@@ -150,6 +160,8 @@ def task_summary(task: str, outputs: Mapping) -> str:
         return f"content fingerprint {value[:12]}"
     if task == "fetch-photos":
         return _count(value, "photo")
+    if task == "plan-clean-shards" and isinstance(value, list):
+        return f"{_count(len(value), 'shard')} for clean"
     if task == "frozen-test-set":
         return (
             f"{_count(value, 'photo')} frozen in test" if value else "none yet (frozen at a first promotion)"

@@ -10,6 +10,7 @@ from kfp import dsl, kubernetes
 from . import components as c
 
 PIPELINE_NAME = "shopvision-training"
+CLEAN_PIPELINE_NAME = "shopvision-clean"
 MLFLOW_SECRET = "shopvision-mlflow"  # key tracking-uri
 S3_SECRET = "shopvision-s3"  # keys access-key-id, secret-access-key, endpoint-url
 SECRET_ENV = {
@@ -31,6 +32,47 @@ def _cluster_settings(task: dsl.PipelineTask, *, secrets: bool) -> dsl.PipelineT
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "shopvision")
     kubernetes.add_pod_label(task, "shopvision.io/role", "pipeline")
     return task
+
+
+def clean_stage(raw, size, corrections, shards) -> dsl.OneOf:
+    """The cleaned photos: one clean-photos task, or with shards > 1 a ParallelFor of clean-shard tasks
+    (decode, shrink, hash) and one clean-merge-shards task (duplicates across shards, then the same
+    photos and report one task would publish)."""
+    with dsl.If(shards == 1):
+        single = _cluster_settings(c.clean_photos(raw=raw, size=size, corrections=corrections), secrets=False)
+    with dsl.Else():
+        plan = _cluster_settings(c.plan_clean_shards(shards=shards), secrets=False)
+        with dsl.ParallelFor(plan.output) as shard:
+            mapped = _cluster_settings(
+                c.clean_shard(raw=raw, size=size, shard=shard, shards=shards), secrets=False
+            )
+        merged = _cluster_settings(
+            c.clean_merge_shards(shards=dsl.Collected(mapped.outputs["photos"]), corrections=corrections),
+            secrets=False,
+        )
+    return dsl.OneOf(single.outputs["cleaned"], merged.outputs["cleaned"])
+
+
+@dsl.pipeline(
+    name=CLEAN_PIPELINE_NAME, description="fetch and clean the raw photos, sharded when clean_shards > 1"
+)
+def clean_pipeline(
+    data_location: str = "data/sample/raw",
+    s3_endpoint: str = "",
+    image_size: int = 224,
+    corrections: str = "",
+    clean_shards: int = 1,
+) -> dsl.Dataset:
+    """The training pipeline's first stage alone, with the same wiring (clean_stage): a catalogue's
+    photos cleaned across pods, and what the sharded clean is tested with under kfp.local."""
+    fingerprint = _cluster_settings(
+        c.fingerprint_data(location=data_location, s3_endpoint=s3_endpoint), secrets=True
+    ).set_caching_options(False)
+    fetched = _cluster_settings(
+        c.fetch_photos(location=data_location, s3_endpoint=s3_endpoint, data_fingerprint=fingerprint.output),
+        secrets=True,
+    )
+    return clean_stage(fetched.outputs["raw"], image_size, corrections, clean_shards)
 
 
 @dsl.pipeline(
@@ -74,6 +116,7 @@ def training_pipeline(
     alpha: float = 0.05,
     allow_unknown_training_data: bool = False,
     corrections: str = "",
+    clean_shards: int = 1,
     audit: bool = False,
     audit_k: int = 10,
     audit_min_share: float = 0.6,
@@ -88,16 +131,14 @@ def training_pipeline(
         c.fetch_photos(location=data_location, s3_endpoint=s3_endpoint, data_fingerprint=fingerprint.output),
         secrets=True,
     )
-    cleaned = _cluster_settings(
-        c.clean_photos(raw=fetched.outputs["raw"], size=image_size, corrections=corrections), secrets=False
-    )
+    cleaned = clean_stage(fetched.outputs["raw"], image_size, corrections, clean_shards)
     # The photos the registered model's champion was judged on stay in test in every later run.
     frozen = _cluster_settings(c.frozen_test_set(model_name=model_name), secrets=True).set_caching_options(
         False
     )  # the registry changes between runs
     splits = _cluster_settings(
         c.split_photos(
-            cleaned=cleaned.outputs["cleaned"],
+            cleaned=cleaned,
             frozen=frozen.outputs["frozen"],
             val_fraction=val_fraction,
             test_fraction=test_fraction,
@@ -161,7 +202,7 @@ def training_pipeline(
         _cluster_settings(
             c.audit_catalogue(
                 model=trained.outputs["model"],
-                cleaned=cleaned.outputs["cleaned"],
+                cleaned=cleaned,
                 run_id=trained.outputs["run_id"],
                 k=audit_k,
                 min_share=audit_min_share,
