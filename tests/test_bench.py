@@ -44,7 +44,7 @@ def test_train_throughput_reference_loop_keeps_its_loader_workers_as_ours_does(s
     again inside the timed steps, so both must keep them (or neither)."""
     import torch
 
-    from shopvision.components.training.models import ModelSpec, eval_transform, train_transform
+    from shopvision.components.training.models import ModelSpec
     from shopvision.components.training.train_data import loaders
 
     data = tmp_path / "data"
@@ -58,7 +58,7 @@ def test_train_throughput_reference_loop_keeps_its_loader_workers_as_ours_does(s
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     bench = _bench_module("train_throughput")
     for workers in (0, 2):
-        ours, _, _ = loaders(data, labels, train_transform(spec), eval_transform(spec), ctx, 4, workers, 0)
+        ours, _, _ = loaders(data, spec, ctx, 4, workers, 0)
         args = SimpleNamespace(image_size=32, batch_size=4, workers=workers)
         reference = bench.reference_loader(data, args, ctx.device)
         assert (reference.num_workers, reference.persistent_workers) == (
@@ -78,10 +78,10 @@ def test_train_throughput_bench_measures_both_loops(sample_raw):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    row = re.search(r"^resnet18\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×$", done.stdout, re.MULTILINE)
+    assert re.search(r"^model\s+batch\s+synthetic\s+decode cpu\s+decode gpu\s+reference$", done.stdout, re.M)
+    row = re.search(r"^resnet18\s+4\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", done.stdout, re.MULTILINE)
     assert row, done.stdout
-    ours, reference, ratio = map(float, row.groups())
-    assert ours > 0 and reference > 0 and abs(ratio - ours / reference) < 0.02
+    assert all(float(rate) > 0 for rate in row.groups())  # images/s without loading, per decode, reference
 
 
 def test_train_throughput_bench_refuses_an_unknown_depth(sample_raw):

@@ -58,15 +58,15 @@ def shutdown() -> None:
 
 def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:
     """Sum per-rank numbers over all ranks (exact metrics with uneven shards); float64 on the wire."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    return sum_over_ranks(torch.tensor(values, dtype=torch.float64, device=ctx.device), ctx).tolist()
+
+
+def sum_over_ranks(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Sum a device tensor over all ranks in place, without reading it on the host: the caller
+    decides when to pay for the sync (`.tolist()`), so counters can live on the GPU between reads."""
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def any_rank(flag: bool, ctx: Context) -> bool:
-    """True on every rank when any rank raised the flag (e.g. got SIGTERM), so all stop together."""
-    return all_reduce_sum([1.0 if flag else 0.0], ctx)[0] > 0
+    return tensor
 
 
 def barrier(ctx: Context) -> None:

@@ -4,6 +4,10 @@ Runs as one torchrun worker (or a single process). Reads top to bottom like the 
 reference recipe: build the model, load the data, then for each epoch `train_one_epoch`, `evaluate`,
 checkpoint and log. Side effects that must happen once (MLflow, files) happen on rank 0 only, in
 `RunRecorder`.
+
+The loop never waits for the GPU inside a step: loss and accuracy are summed into a small tensor on
+the device, and the host reads it (with the pre-emption flag) every `sync_every` steps and at the
+end of the epoch, so the CPU keeps queueing work ahead of the GPU.
 """
 
 from __future__ import annotations
@@ -20,15 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import StepError
 from . import checkpoints, distributed
-from .models import (
-    ModelSpec,
-    build_model,
-    eval_transform,
-    head_prefix,
-    load_backbone,
-    save_classifier,
-    train_transform,
-)
+from .gpu_decode import BytesBatchPreparer, resolve_decode
+from .models import ModelSpec, build_model, head_prefix, load_backbone, save_classifier
 from .train_data import loaders, train_labels
 from .train_record import RunRecorder
 
@@ -61,6 +58,8 @@ class TrainConfig:
     experiment: str = "shopvision"
     run_name: str | None = None
     max_steps_per_epoch: int | None = None  # for smoke tests on big data
+    decode: str = "auto"  # cpu (Pillow in the workers), gpu (batched decode_jpeg on the device), auto
+    sync_every: int | None = None  # steps between host reads of counters and SIGTERM; None: 50 CUDA, 1 CPU
 
 
 class _Preemption:
@@ -77,62 +76,146 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def top_k_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[int, int]:
-    """Correct counts at top-1 and top-k for a batch."""
+def top_k_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Correct counts at top-1 and top-k for a batch, as a 2-tensor on the logits' device (no sync)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
     hits = top.eq(targets[:, None])
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
-def train_one_epoch(model, loader, optimizer, criterion, ctx, autocast, cfg, preemption) -> dict:
+def top_k_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[int, int]:
+    """Correct counts at top-1 and top-k for a batch."""
+    top1, topk = top_k_hits(logits, targets, k).tolist()
+    return top1, topk
+
+
+# The per-epoch counters that live on the device between host reads.
+LOSS_SUM, CORRECT, SEEN, NONFINITE = range(4)
+
+
+def sync_interval(cfg: TrainConfig, ctx) -> int:
+    """Steps between host reads: a read on CUDA drains the queue of work ahead of the GPU; on a CPU
+    every op has already finished, so reading each step costs nothing and SIGTERM is seen at once."""
+    if cfg.sync_every:
+        return cfg.sync_every
+    return 50 if ctx.device.type == "cuda" else 1
+
+
+def tensor_batches(ctx, channels_last: bool):
+    """The `prepare` for loaders that yield (images, targets) tensors: move them to the device."""
+
+    def prepare(batch):
+        images, targets = batch
+        images = images.to(ctx.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(ctx.device, non_blocking=True)
+
+    return prepare
+
+
+@torch.no_grad()
+def _count(counters: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add one step to the device counters: in-place kernels only, nothing read back."""
+    loss = loss.detach().double()
+    counters[LOSS_SUM] += loss * len(targets)
+    counters[CORRECT] += logits.argmax(dim=1).eq(targets).sum()
+    counters[SEEN] += len(targets)
+    counters[NONFINITE] += (~torch.isfinite(loss)).double()
+
+
+def _read(counters: torch.Tensor, preemption, ctx, step: int, curve: list | None) -> bool:
+    """The one host sync every `sync_every` steps: any rank pre-empted, any loss non-finite (one
+    all-reduce), and this rank's running loss for `curve`. True when every rank must stop now."""
+    flags = torch.cat(
+        [
+            counters[NONFINITE:],
+            torch.full((1,), float(preemption.requested), dtype=torch.float64, device=ctx.device),
+        ]
+    )
+    distributed.sum_over_ranks(flags, ctx)
+    nonfinite, preempted, loss_sum, _, seen = torch.cat([flags, counters[:NONFINITE]]).tolist()
+    if nonfinite:
+        raise StepError(
+            f"training diverged: the loss was not finite in a step before step {step}; lower --lr"
+        )
+    if curve is not None and seen:
+        curve.append((step, loss_sum / seen))
+    return preempted > 0
+
+
+def train_one_epoch(
+    model, loader, optimizer, criterion, ctx, autocast, cfg, preemption, prepare=None, curve=None
+) -> dict:
+    """One pass over `loader`; `prepare` turns a batch into device tensors (default: move them).
+
+    The host reads the counters before step 0, every `sync_interval` steps and at the end, so a
+    SIGTERM stops every rank within that many steps. `curve`, when given, gets (step, this rank's
+    mean loss so far) at each read.
+    """
     model.train()
     if cfg.freeze_backbone:
         # A frozen backbone keeps its normalisation statistics too, or its features drift under the head.
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
-    loss_sum, seen, started = 0.0, 0, time.monotonic()
-    for step, (images, targets) in enumerate(loader):
-        if distributed.any_rank(preemption.requested, ctx):
+    prepare = prepare or tensor_batches(ctx, cfg.channels_last and ctx.device.type == "cuda")
+    stats = getattr(prepare, "stats", None)  # the bytes path counts its decoder fallbacks
+    if stats:
+        stats.new_epoch()
+    every = sync_interval(cfg, ctx)
+    counters = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    started, steps = time.monotonic(), 0
+    for step, batch in enumerate(loader):
+        if step % every == 0 and _read(counters, preemption, ctx, step, curve):
             return {"interrupted": True}
         if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
             break
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if cfg.channels_last and ctx.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, targets = prepare(batch)
         with autocast():
-            loss = criterion(model(images), targets)
-        if not torch.isfinite(loss):
-            raise StepError(f"training diverged: loss is {loss.item()} at step {step}; lower --lr")
+            logits = model(images)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(targets)
-        seen += len(targets)
-    loss_total, seen_total = distributed.all_reduce_sum([loss_sum, seen], ctx)
+        _count(counters, loss, logits, targets)
+        steps += 1
+    decoded = [stats.fallback, stats.on_device] if stats else []
+    totals = torch.cat([counters, torch.tensor(decoded, dtype=torch.float64).to(ctx.device)])
+    distributed.sum_over_ranks(totals, ctx)
+    loss_sum, correct, seen, nonfinite, *rest = torch.cat([totals, counters[[LOSS_SUM, SEEN]]]).tolist()
+    *decoded, local_loss_sum, local_seen = rest
     elapsed = time.monotonic() - started
-    return {
-        "train_loss": loss_total / max(seen_total, 1),
-        "images_per_second": seen_total / max(elapsed, 1e-9),
+    if nonfinite:
+        raise StepError(
+            f"training diverged: the loss was not finite in a step before step {steps}; lower --lr"
+        )
+    if curve is not None and local_seen:
+        curve.append((steps, local_loss_sum / local_seen))
+    metrics = {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_top1_error": 1 - correct / max(seen, 1),
+        "images_per_second": seen / max(elapsed, 1e-9),
     }
+    if stats:
+        metrics["decode_fallbacks"], metrics["decoded_on_device"] = decoded
+    return metrics
 
 
 @torch.inference_mode()
 def evaluate(model, loader, criterion, ctx, autocast) -> dict:
     """Top-1/top-5 error over the whole val set: every rank sums its shard, then all-reduce."""
     model.eval()
-    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
+    counters = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss sum, top-1, top-5, count
     for images, targets in loader:
-        images, targets = images.to(ctx.device), targets.to(ctx.device)
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
         with autocast():
             logits = model(images)
-        loss_sum += criterion(logits.float(), targets).item() * len(targets)
-        c1, c5 = top_k_correct(logits, targets, 5)
-        correct1, correct5, count = correct1 + c1, correct5 + c5, count + len(targets)
-    loss_sum, correct1, correct5, count = distributed.all_reduce_sum(
-        [loss_sum, correct1, correct5, count], ctx
-    )
+        counters[0] += criterion(logits.float(), targets).double() * len(targets)
+        counters[1:3] += top_k_hits(logits, targets, 5)
+        counters[3] += len(targets)
+    loss_sum, correct1, correct5, count = distributed.sum_over_ranks(counters, ctx).tolist()
     return {
         "val_loss": loss_sum / count,
         "val_top1_error": 1 - correct1 / count,
@@ -151,10 +234,23 @@ def is_better(metrics: dict, best: dict | None) -> bool:
     )
 
 
+def uses_bf16(cfg: TrainConfig, ctx) -> bool:
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and ctx.device.type == "cuda")
+
+
+def batch_preparer(cfg: TrainConfig, ctx, decode: str, train_set, spec: ModelSpec):
+    """How a training batch reaches the model: moved as tensors (`cpu`), or decoded and augmented on
+    the device (`gpu`: bf16 when autocast is, channels_last on CUDA)."""
+    channels_last = cfg.channels_last and ctx.device.type == "cuda"
+    if decode == "gpu":
+        dtype = torch.bfloat16 if uses_bf16(cfg, ctx) else torch.float32
+        return BytesBatchPreparer(train_set, spec, cfg.seed, ctx.device, dtype, channels_last)
+    return tensor_batches(ctx, channels_last)
+
+
 def autocast_factory(cfg: TrainConfig, ctx):
     """A no-argument context factory: bf16 autocast on GPU (or when asked), a disabled one otherwise."""
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and ctx.device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(cfg, ctx):
         return lambda: torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
     return lambda: torch.autocast(device_type=ctx.device.type, enabled=False)
 
@@ -221,9 +317,13 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     )
     if cfg.compile:
         net = torch.compile(net)
+    decode = resolve_decode(cfg.decode, ctx.device)
+    if decode == "gpu" and ctx.device.type != "cuda":
+        notes.append("--decode gpu without CUDA: photos are decoded in the training process on the CPU")
     train_loader, val_loader, sampler = loaders(
-        data, labels, train_transform(spec), eval_transform(spec), ctx, cfg.batch_size, cfg.workers, cfg.seed
+        data, spec, ctx, cfg.batch_size, cfg.workers, cfg.seed, decode
     )
+    prepare = batch_preparer(cfg, ctx, decode, train_loader.dataset, spec)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     autocast = autocast_factory(cfg, ctx)
     preemption = _Preemption()
@@ -256,7 +356,9 @@ def _run(cfg: TrainConfig, ctx) -> dict:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            trained = train_one_epoch(net, train_loader, optimizer, criterion, ctx, autocast, cfg, preemption)
+            trained = train_one_epoch(
+                net, train_loader, optimizer, criterion, ctx, autocast, cfg, preemption, prepare
+            )
             if trained.get("interrupted"):
                 if ctx.is_main:
                     checkpoints.save_interrupted(out, state_at(epoch))

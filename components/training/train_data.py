@@ -1,4 +1,10 @@
-"""Photo folders as datasets and loaders for (distributed) training and validation."""
+"""Photo folders as datasets and loaders for (distributed) training and validation.
+
+Training has two data paths (`--decode`): `cpu`, where loader workers decode with Pillow and
+augment, and `gpu`, where they read file bytes only and the training process decodes and augments
+the batch (`gpu_decode`). Both draw each photo's crop and flip from (seed, epoch, photo index), so the
+sampler hands the workers the epoch with every index.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,15 @@ from ..data.dataset import category_photos
 from ..data.images import ImageDecodeError, decode_image
 from ..errors import StepError
 from .distributed import Context
+from .gpu_decode import (
+    collate_bytes,
+    crop_flip_for,
+    crop_flip_resize,
+    gpu_decodable,
+    normalise,
+    pillow_tensor,
+)
+from .models import ModelSpec, eval_transform
 
 
 class PhotoFolder(Dataset):
@@ -41,6 +56,37 @@ class PhotoFolder(Dataset):
         return self.transform(image), label
 
 
+class TrainPhotos(PhotoFolder):
+    """Training photos keyed by (index, epoch), as `EpochSampler` yields them.
+
+    `decode="cpu"`: the augmented, normalised float32 photo (Pillow decode in the worker).
+    `decode="gpu"`: the file bytes for the training process to decode, or, for a photo the GPU
+    decoder should not take (a PNG, a CMYK JPEG...), the Pillow-decoded uint8 photo and the reason.
+    """
+
+    def __init__(self, root: Path, labels: list[str], spec: ModelSpec, seed: int, decode: str) -> None:
+        super().__init__(root, labels, transform=None)
+        self.spec, self.seed, self.decode = spec, seed, decode
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path, label = self.samples[index]
+        try:
+            data = path.read_bytes()
+            if self.decode == "gpu":
+                reason = gpu_decodable(data)
+                if reason is None:
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, index, epoch, label
+                return pillow_tensor(data), reason, index, epoch, label
+            image = pillow_tensor(data)
+        except (ImageDecodeError, OSError) as exc:
+            raise StepError(f"cannot read training photo {path}: {exc}") from None
+        box = crop_flip_for(self.seed, epoch, index, *image.shape[1:])
+        return normalise(
+            crop_flip_resize(image, box, self.spec.image_size), self.spec.mean, self.spec.std
+        ), label
+
+
 def train_labels(data: Path) -> list[str]:
     labels = (
         [c for c, files in category_photos(data / "train").items() if files]
@@ -69,19 +115,30 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields (index, epoch): persistent workers never see `set_epoch`, and
+    the augmentation of a photo depends on both."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((index, epoch) for index in super().__iter__())
+
+
 def loaders(
-    data: Path, labels: list[str], train_tf, val_tf, ctx: Context, batch_size: int, workers: int, seed: int
+    data: Path, spec: ModelSpec, ctx: Context, batch_size: int, workers: int, seed: int, decode: str = "cpu"
 ):
-    train_set = PhotoFolder(data / "train", labels, train_tf)
-    val_set = PhotoFolder(data / "val", labels, val_tf)
-    sampler = DistributedSampler(
-        train_set, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=False
-    )
+    """Train and val loaders and the train sampler; `decode` is `cpu` or `gpu` (already resolved)."""
+    train_set = TrainPhotos(data / "train", spec.labels, spec, seed, decode)
+    val_set = PhotoFolder(data / "val", spec.labels, eval_transform(spec))
+    sampler = EpochSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=False)
     common = {
         "num_workers": workers,
         "pin_memory": ctx.device.type == "cuda",
         "persistent_workers": workers > 0,
     }
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=False, **common)
+    collate = {"collate_fn": collate_bytes} if decode == "gpu" else {}
+    train_loader = DataLoader(
+        train_set, batch_size=batch_size, sampler=sampler, drop_last=False, **collate, **common
+    )
     val_loader = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), ctx), **common)
     return train_loader, val_loader, sampler

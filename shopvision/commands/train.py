@@ -100,6 +100,18 @@ def add_parser(steps) -> None:
         "--amp", choices=["auto", "bf16", "off"], default="auto", help="auto: bf16 on GPU, off on CPU"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--decode",
+        choices=["cpu", "gpu", "auto"],
+        default="auto",
+        help="cpu: Pillow in the loader workers; gpu: workers read bytes, the batch is decoded and "
+        "augmented on the GPU (on a CPU: in the training process); auto: gpu on CUDA, else cpu",
+    )
+    p.add_argument(
+        "--sync-every",
+        type=positive_int,
+        help="steps between host reads of loss/accuracy and the SIGTERM check (default: 50 on CUDA, 1 on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
