@@ -163,6 +163,9 @@ def promote(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     notify: Callable[[str], None] | None = None,
+    require_shadow_agreement: float | None = None,
+    shadow_url: str | None = None,
+    shadow_min_photos: int = 100,
 ) -> PromotionDecision:
     """Score the candidate and the current @champion on the frozen evaluation set and apply the gate.
 
@@ -174,6 +177,15 @@ def promote(
         raise StepError(f"--min-accuracy must be in [0, 1], got {min_accuracy}")
     if not 0.0 < alpha < 1.0:
         raise StepError(f"--alpha must be in (0, 1), got {alpha}")
+    shadow_refused, shadow_note = None, None
+    if require_shadow_agreement is not None:  # before any scoring: the live report is cheap to read
+        from .shadow_gate import shadow_refusal
+
+        if not shadow_url:
+            raise StepError("--require-shadow-agreement needs --shadow-url (the server's drift route)")
+        shadow_refused, shadow_note = shadow_refusal(
+            shadow_url, str(version), require_shadow_agreement, min_photos=shadow_min_photos
+        )
     client, uri = connect(tracking_uri)
     version = str(version)
     candidate_run = _run_id(model_version(client, name, version))
@@ -238,6 +250,7 @@ def promote(
                 allow_unknown=allow_unknown_training_data,
                 force=force,
             )
+            refusal = refusal or shadow_refused
             promoted, reason = decide(
                 candidate,
                 champion,
@@ -257,7 +270,7 @@ def promote(
             )
         else:
             raise StepError(f"{name}'s @{CHAMPION} kept moving while it was being scored; no alias moved")
-        notes += checked
+        notes += checked + ([shadow_note] if shadow_note else [])
         lease.ensure_held()
         if evaluation.changed:  # before any alias moves: a set that failed to store moves nothing
             store_frozen_set(client, name, evaluation.frozen, version, candidate_run)

@@ -47,6 +47,9 @@ def _run_promote(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
         progress=progress_printer("promote"),
+        require_shadow_agreement=args.require_shadow_agreement,
+        shadow_url=args.shadow_url,
+        shadow_min_photos=args.shadow_min_photos,
     )
     print(promote_summary(decision))
 
@@ -179,6 +182,24 @@ def add_parser(steps) -> None:
     )
     _lease_wait(promote)
     _lease_settle(promote)
+    promote.add_argument(
+        "--require-shadow-agreement",
+        type=float,
+        metavar="X",
+        help="refuse unless a server shadowing this version (serve --shadow) saw it agree with the "
+        "champion's top-1 on at least X of live photos (read from --shadow-url)",
+    )
+    promote.add_argument(
+        "--shadow-url",
+        metavar="URL",
+        help="the shadowing server's drift route, http://HOST:PORT/v2/models/NAME/drift",
+    )
+    promote.add_argument(
+        "--shadow-min-photos",
+        type=positive_int,
+        default=100,
+        help="live photos the shadow must have compared (default 100)",
+    )
     promote.add_argument("--batch-size", type=positive_int, default=64)
     promote.add_argument("--device", default="auto", help="auto (GPU when available), cpu or cuda")
     _tracking(promote)
