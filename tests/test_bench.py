@@ -2,7 +2,8 @@
 
 That is train_throughput.py, serve_vs_mlflow.py and near_duplicates.py. clean_vs_imagemagick.py
 needs ImageMagick, and split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its
-held-out `val_*` photos are the reference), so they are run by hand. Speed is not asserted here (timed
+held-out `val_*` photos are the reference), and scale.py Debian's dataset-fashion-mnist and tens of
+minutes, so they are run by hand. Speed is not asserted here (timed
 unit tests lie on a shared CI machine); the ratios come from the benchmarks themselves, run by hand
 (bench/README.md).
 What is asserted is that each side of a comparison is measured the same way.
@@ -32,7 +33,7 @@ def _bench_module(name: str):
 
 def test_every_bench_script_is_smoke_run_here_or_says_what_it_needs():
     scripts = {p.name for p in (REPO / "bench").iterdir() if p.suffix in {".py", ".sh"}}
-    needs_more = {"clean_vs_imagemagick.py", "split_leakage.py", "grocery_accuracy.sh"}
+    needs_more = {"clean_vs_imagemagick.py", "split_leakage.py", "grocery_accuracy.sh", "scale.py"}
     assert scripts == BENCHES | needs_more
     tested = Path(__file__).read_text(encoding="utf-8")
     for script in BENCHES:
