@@ -3,10 +3,11 @@
 `shopvision serve --shadow models:/NAME@challenger --shadow-fraction 0.1` loads the challenger on a
 thread of its own after the server is ready, then runs it on about that fraction of answered photos.
 A route hands the photos it already answered (their encoded bytes, or the client's tensors) and the
-served answers to `offer`, which only samples and puts them in a bounded queue: it never waits, and a
-full queue drops the photos (counted). One worker thread decodes them with the challenger's own
-preprocessing (so it may differ from the champion's) and runs the challenger, so the client's answer,
-and when it is sent, never depend on the challenger. What it reports, in /metrics and in the drift
+served answers to `offer`, which only samples and puts them in a queue bounded in requests and
+bytes: it never waits, and a full queue drops the photos (counted). One worker thread, at the lowest
+CPU priority, decodes them with the challenger's own preprocessing (so it may differ from the
+champion's) and runs the challenger, so the client's answer, and when it is sent, never depend on
+the challenger. What it reports, in /metrics and in the drift
 JSON: how often its top-1 category agrees with the served one (over the last AGREEMENT_WINDOW
 compared photos, and in total), its top-1 confidence distribution, and its time per request.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -34,7 +36,9 @@ log = logging.getLogger("shopvision.serving")
 
 DEFAULT_FRACTION = 0.1
 DEFAULT_QUEUE = 64  # requests' photos waiting for the challenger; more are dropped
+DEFAULT_QUEUE_BYTES = 64 * 2**20  # and at most this many bytes of photos waiting
 AGREEMENT_WINDOW = 1000  # compared photos the agreement rate is taken over
+SHADOW_NICE = 19  # the shadow thread's niceness
 SHADOW_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -51,6 +55,7 @@ class ShadowChallenger:
         *,
         fraction: float = DEFAULT_FRACTION,
         queue_size: int = DEFAULT_QUEUE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         thread_init: Callable[[], None] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -62,6 +67,8 @@ class ShadowChallenger:
         self._thread_init = thread_init
         self._random = random.Random(seed)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue_bytes = queue_bytes
+        self._bytes_waiting = 0  # of the photos in the queue (under _lock)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the worker writes what /metrics and the JSON route read
         self.model = None
@@ -125,9 +132,16 @@ class ShadowChallenger:
             [blobs[i] for i in chosen] if blobs is not None else None,
             [tensors[i] for i in chosen] if tensors is not None else None,
         )
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        size = _item_bytes(item)
+        with self._lock:
+            fits = self._bytes_waiting + size <= self._queue_bytes
+            if fits:
+                try:
+                    self._queue.put_nowait(item)
+                    self._bytes_waiting += size
+                except queue.Full:
+                    fits = False
+        if not fits:
             self.dropped.inc(len(chosen))
             self.counts["dropped"] += len(chosen)
 
@@ -149,6 +163,10 @@ class ShadowChallenger:
     def _work(self) -> None:
         if self._thread_init is not None:
             self._thread_init()
+        # The lowest CPU priority for this thread only (Linux schedules threads alone): the challenger
+        # gets the cores the serving threads leave idle, and never slows an answer by competing.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
         try:
             self.model = self._load()
         except BaseException as exc:  # anything at all: the served model must not notice
@@ -160,6 +178,8 @@ class ShadowChallenger:
         log.info("shadow challenger %s ready (version %s) on %g of photos",
                  self.requested, getattr(self.model, "version", "?"), self.fraction)  # fmt: skip
         while (item := self._queue.get()) is not None:
+            with self._lock:
+                self._bytes_waiting -= _item_bytes(item)
             self._compare(*item)
 
     def _compare(self, served: list, blobs: list[bytes] | None, tensors: list | None) -> None:
@@ -223,6 +243,12 @@ class ShadowChallenger:
             "seconds": _histogram(self.seconds),
             "last_error": self.last_error,
         }
+
+
+def _item_bytes(item: tuple) -> int:
+    """The memory a queued item holds: its encoded photos, or its float32 tensors."""
+    _, blobs, tensors = item
+    return sum(map(len, blobs)) if blobs is not None else sum(t.numel() * 4 for t in tensors or [])
 
 
 def _histogram(histogram: Histogram) -> dict:

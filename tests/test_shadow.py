@@ -33,7 +33,16 @@ def servers(tmp_path_factory):
     champion = cached_probe_model(tmp_path_factory)
     slow = resized_copy(champion, folder / "slow", 320)
     broken = resized_copy(champion, folder / "broken", 64, mean=(0.5, 0.5), std=(0.5, 0.5))
-    common = ["--model", str(champion), "--max-wait-ms", "1", "--forward-workers", "1"]
+    common = [
+        "--model",
+        str(champion),
+        "--max-wait-ms",
+        "1",
+        "--forward-workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+    ]
     setups = {
         "shadowed": ["--shadow", str(slow), "--shadow-fraction", "1"],
         "broken": ["--shadow", str(broken), "--shadow-fraction", "1"],
@@ -83,7 +92,7 @@ def same_answer(a: dict, b: dict) -> bool:
 
 
 def test_the_shadow_never_changes_an_answer_and_the_client_never_waits_for_it(servers):
-    photos = held_out(3)[:16]
+    photos = held_out(3)[:12]
     for url in (servers["plain"], servers["shadowed"]):  # first requests pay one-off costs
         predict(url, photos[0])
     control = [predict(servers["plain"], p) for p in photos]
@@ -91,25 +100,36 @@ def test_the_shadow_never_changes_an_answer_and_the_client_never_waits_for_it(se
     for (mine, _), (theirs, _) in zip(shadowed, control, strict=True):
         assert same_answer(mine, theirs), (mine, theirs)
 
-    shadow = shadow_report(servers["shadowed"], lambda s: s["compared"] == len(photos) + 1)
-    assert shadow["state"] == "ready" and shadow["failed"] == 0 and shadow["last_error"] is None
-    challenger_seconds = shadow["seconds"]["sum"] / shadow["seconds"]["count"]
+    # What the challenger costs a photo on its own, and what it answers: the two models, here.
+    challenger = PhotoClassifier(servers["slow"], device="cpu")
+    sent = [photos[0], *photos]
+    served = [control[0][0], *(a for a, _ in control)]
+    theirs, costs = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the shadow runs it
+    try:
+        for path in sent:
+            started = time.perf_counter()
+            theirs.append(challenger.predict(torch.stack([challenger.preprocess(path.read_bytes())]))[0])
+            costs.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    challenger_seconds = statistics.median(costs)
     with_shadow = statistics.median(t for _, t in shadowed)
     without = statistics.median(t for _, t in control)
     print(
         f"median answer {without * 1000:.1f} ms without the shadow, {with_shadow * 1000:.1f} ms with it; "
-        f"the challenger took {challenger_seconds * 1000:.1f} ms a photo"
+        f"the challenger costs {challenger_seconds * 1000:.1f} ms a photo"
     )
-    # The stated bound (README): the shadow adds less than half the challenger's own time to the
-    # median answer; were the client waiting for it, the answer would take all of it.
-    assert challenger_seconds > 2 * without  # so the bound tells waiting from not waiting
+    # The stated bound (README): the shadow adds less than half the challenger's own time (one
+    # thread, one photo) to the median answer; were the client waiting for it, it would add all of it.
+    assert challenger_seconds > without  # a slow challenger: waiting for it would show
     assert with_shadow < without + 0.5 * challenger_seconds
 
-    # The agreement it reports is the one these photos give, answered by the two models here.
-    challenger = PhotoClassifier(servers["slow"], device="cpu")
-    sent = [photos[0], *photos]
-    served = [control[0][0], *(a for a, _ in control)]
-    theirs = [challenger.predict(torch.stack([challenger.preprocess(p.read_bytes())]))[0] for p in sent]
+    # The agreement it reports is the one these photos give. At the lowest CPU priority the shadow
+    # may lag far behind on a busy machine: it is waited for.
+    shadow = shadow_report(servers["shadowed"], lambda s: s["compared"] == len(sent), seconds=300)
+    assert shadow["state"] == "ready" and shadow["failed"] == 0 and shadow["last_error"] is None
     agreed = sum(t.labels[0] == s["top"][0]["label"] for t, s in zip(theirs, served, strict=True))
     assert abs(shadow["agreed"] - agreed) <= 1
     assert shadow["agreement_rate"] == pytest.approx(shadow["agreed"] / shadow["compared"])
@@ -120,6 +140,29 @@ def test_the_shadow_never_changes_an_answer_and_the_client_never_waits_for_it(se
     }
     assert metric_lines(metrics, "shopvision_shadow_confidence_count") == {"": shadow["compared"]}
     assert metric_lines(metrics, "shopvision_shadow_up") == {"": 1.0}
+
+
+def test_promote_reads_the_agreement_from_the_shadowing_server(servers):
+    """The gate of `promote --require-shadow-agreement`, against the live report of the server above."""
+    from shopvision.components.errors import StepError
+    from shopvision.components.registry.shadow_gate import shadow_refusal
+
+    url = f"{servers['shadowed']}/v2/models/{SERVED_AS}/drift"
+    shadow = shadow_report(servers["shadowed"])
+    rate, compared, version = shadow["agreement_rate"], shadow["compared"], shadow["version"]
+    assert version == "unregistered"  # a model folder: what the server calls its version
+    refused, note = shadow_refusal(url, version, rate, min_photos=compared)
+    assert refused is None and f"over {compared} of {compared} live photos" in note
+    refused, _ = shadow_refusal(url, version, min(1.0, rate + 0.01), min_photos=compared)
+    assert (refused is None) == (rate == 1.0)
+    if refused is not None:
+        assert "under the" in refused and "--require-shadow-agreement" in refused
+    refused, _ = shadow_refusal(url, "7", 0.0, min_photos=1)
+    assert "not the candidate 7" in refused
+    refused, _ = shadow_refusal(url, version, 0.0, min_photos=compared + 1)
+    assert "fewer than" in refused
+    with pytest.raises(StepError, match="cannot read"):
+        shadow_refusal(f"{servers['shadowed']}/no/such/route", version, 0.5)
 
 
 def test_a_challenger_that_fails_on_every_photo_is_counted_and_reported_never_propagated(servers):
@@ -161,3 +204,8 @@ def test_the_fraction_sampled_and_the_queue_bound():
     offered = shadow.counts["offered"]
     assert 400 - 3 * 19 < offered < 400 + 3 * 19  # binomial(4000, 0.1): mean 400, sd 19
     assert shadow.counts["dropped"] >= offered - 8 * 4 and shadow._queue.qsize() == 8
+    # The bytes waiting are bounded too: one 600 kB photo fits in 1 MiB, the next two do not.
+    by_bytes = ShadowChallenger("x", lambda: None, CollectorRegistry(), fraction=1.0, queue_bytes=2**20)
+    for _ in range(3):
+        by_bytes.offer([Answer()], blobs=[bytes(600_000)])
+    assert by_bytes._queue.qsize() == 1 and by_bytes.counts["dropped"] == 2
