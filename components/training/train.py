@@ -26,7 +26,7 @@ from ..errors import StepError
 from . import checkpoints, distributed
 from .gpu_decode import BytesBatchPreparer, resolve_decode
 from .models import ModelSpec, build_model, head_prefix, load_backbone, save_classifier
-from .train_data import loaders, train_labels
+from .train_data import loaders, tensor_batches, train_labels
 from .train_record import RunRecorder
 
 BEST_MODEL_DIR = "model_best"
@@ -99,19 +99,6 @@ def sync_interval(cfg: TrainConfig, ctx) -> int:
     if cfg.sync_every:
         return cfg.sync_every
     return 50 if ctx.device.type == "cuda" else 1
-
-
-def tensor_batches(ctx, channels_last: bool):
-    """The `prepare` for loaders that yield (images, targets) tensors: move them to the device."""
-
-    def prepare(batch):
-        images, targets = batch
-        images = images.to(ctx.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets.to(ctx.device, non_blocking=True)
-
-    return prepare
 
 
 @torch.no_grad()

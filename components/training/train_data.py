@@ -142,3 +142,16 @@ def loaders(
     )
     val_loader = DataLoader(val_set, batch_size=batch_size, sampler=ShardSampler(len(val_set), ctx), **common)
     return train_loader, val_loader, sampler
+
+
+def tensor_batches(ctx, channels_last: bool):
+    """The `prepare` for loaders that yield (images, targets) tensors: move them to the device."""
+
+    def prepare(batch):
+        images, targets = batch
+        images = images.to(ctx.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets.to(ctx.device, non_blocking=True)
+
+    return prepare
