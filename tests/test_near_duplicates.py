@@ -115,6 +115,19 @@ def test_every_photo_the_same_hash_pairs_all_of_them():
     assert pairs == [(a, b, 0) for a in range(6) for b in range(a + 1, 6)]
 
 
+def test_bits_every_photo_shares_are_dealt_evenly_to_the_chunks():
+    # 16 constant bits (a white background's low frequencies) in one chunk would put every photo in
+    # a few buckets; dealt by entropy, each of the 4 chunks gets 4 of them.
+    from shopvision.components.data.near_duplicates import _chunks
+
+    shared = list(range(0, 64, 4))
+    mask = sum(1 << bit for bit in shared)
+    hashes = np.unique(uniform(100_000, np.random.default_rng(5)) | np.uint64(mask))
+    chunks = _chunks(hashes, 6)
+    assert [len(bits) for bits, _ in chunks] == [16, 16, 16, 16] and {r for _, r in chunks} == {1}
+    assert [len(set(bits) & set(shared)) for bits, _ in chunks] == [4, 4, 4, 4]
+
+
 def test_negative_bits_is_refused():
     with pytest.raises(ValueError, match="at least 0"):
         near_pair_arrays(np.zeros(3, np.uint64), -1)
