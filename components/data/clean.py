@@ -248,7 +248,12 @@ def _decode_one(job: tuple[_Candidate, int, int, str]) -> PhotoRecord:
 
 
 def decode_files(
-    candidates: list[_Candidate], size: int, max_pixels: int, staging: Path, workers: int, label: str = "clean"
+    candidates: list[_Candidate],
+    size: int,
+    max_pixels: int,
+    staging: Path,
+    workers: int,
+    label: str = "clean",
 ) -> list[PhotoRecord]:
     """Clean's map: decode, shrink and hash each candidate, writing its JPEG into `staging`."""
     jobs = [(c, size, max_pixels, str(staging)) for c in candidates]
