@@ -134,6 +134,7 @@ def test_in_distribution_photos_stay_under_every_threshold(server):
         "photos_since_start": MIN_PHOTOS - 1 + len(unseen),
     }  # fmt: skip
     assert body["baseline"]["photos"] == len(held_out(1)) and body["baseline_problem"] is None
+    print(f"drift scores, unseen photos: {body['scores']}")
     for statistic in STATISTICS:
         assert body["scores"][statistic] < DRIFT_THRESHOLDS[statistic], (statistic, body["scores"])
     assert body["drifting"] == []
@@ -169,6 +170,7 @@ def test_heavily_blurred_photos_push_the_confidence_score_over(server):
     blurred = [jpeg(Image.open(p).filter(ImageFilter.GaussianBlur(40))) for p in held_out(3)[:WINDOW]]
     send(server, blurred)
     body = drift(server)
+    print(f"drift scores, heavily blurred: {body['scores']}")
     assert body["scores"]["confidence"] > DRIFT_THRESHOLDS["confidence"], body["scores"]
     assert "confidence" in body["drifting"]
 
@@ -178,6 +180,7 @@ def test_photos_of_two_categories_push_the_category_score_over_and_only_it(serve
     mirrored = [jpeg(Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT)) for p in two]
     send(server, ([p.read_bytes() for p in two] + mirrored)[:WINDOW])
     body = drift(server)
+    print(f"drift scores, two categories: {body['scores']}")
     assert body["scores"]["category"] > DRIFT_THRESHOLDS["category"], body["scores"]
     assert body["scores"]["confidence"] < DRIFT_THRESHOLDS["confidence"], body["scores"]
     assert body["drifting"] == ["category"]
