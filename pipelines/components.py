@@ -247,10 +247,23 @@ def evaluate_model(
 
 
 @component
-def register_model(run_id: str, model_name: str, evaluation: Input[Artifact]) -> str:
+def register_model(
+    run_id: str, model_name: str, evaluation: Input[Artifact], data: Input[Dataset], onnx_export: str
+) -> str:
+    """onnx_export "fp32" (or "int8") also writes the ONNX files serving's `--runtime auto` picks on a
+    CPU, checked on the split's test photos (int8 calibrated on val); "none" skips the export."""
+    from shopvision.components.errors import StepError
     from shopvision.components.registry.register import register, register_summary
 
-    result = register(run_id, model_name, test_metrics=f"{evaluation.path}/metrics.json")
+    if onnx_export not in ("none", "fp32", "int8"):
+        raise StepError(f"onnx_export {onnx_export!r}: choose none, fp32 or int8")
+    result = register(
+        run_id,
+        model_name,
+        test_metrics=f"{evaluation.path}/metrics.json",
+        onnx_photos=None if onnx_export == "none" else data.path,
+        quantize="int8" if onnx_export == "int8" else None,
+    )
     print(register_summary(result))
     return result.version
 

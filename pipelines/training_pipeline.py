@@ -120,6 +120,7 @@ def training_pipeline(
     audit: bool = False,
     audit_k: int = 10,
     audit_min_share: float = 0.6,
+    onnx_export: str = "fp32",
     deploy: bool = False,
     serving_deployment: str = "shopvision-serving",
     serving_kind: str = "deployment",
@@ -214,6 +215,8 @@ def training_pipeline(
             run_id=trained.outputs["run_id"],
             model_name=model_name,
             evaluation=evaluated.outputs["evaluation"],
+            data=splits.outputs["splits"],
+            onnx_export=onnx_export,
         ),
         secrets=True,
     ).set_caching_options(False)  # a registry write must happen on every run
