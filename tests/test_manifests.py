@@ -36,6 +36,7 @@ NAMESPACE = "shopvision"
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = ["overlays/local", "overlays/gpu", "overlays/kserve"]
 RENDERED = ["base", *OVERLAYS]
+ALERTS = "base/alerts"  # applied apart: its kind needs the Prometheus Operator
 PROJECT_IMAGE = "shopvision"  # repository name of the project image in every overlay
 CUSTOM_KINDS = {
     ("trainer.kubeflow.org", "TrainingRuntime"): "trainer.kubeflow.org_trainingruntimes.yaml",
@@ -685,12 +686,13 @@ def schema_errors(obj: dict) -> list[str]:
 def test_renders_into_the_namespace(path):
     objects = render(path)
     assert len(objects) > 20
+    assert not [o for o in objects if o["kind"] == "PrometheusRule"]  # it would fail without the operator
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-@pytest.mark.parametrize("path", RENDERED)
+@pytest.mark.parametrize("path", [*RENDERED, ALERTS])
 def test_every_object_validates_against_its_schema(path):
     problems = [p for obj in render(path) for p in schema_errors(obj)]
     assert problems == []
@@ -706,7 +708,7 @@ def test_the_base_meets_the_policy_too():
 
 
 def test_every_custom_resource_kind_is_covered():
-    kinds = {(o["apiVersion"], o["kind"]) for path in RENDERED for o in render(path)}
+    kinds = {(o["apiVersion"], o["kind"]) for path in [*RENDERED, ALERTS] for o in render(path)}
     custom = {k for k in kinds if "." in k[0].split("/")[0] and not k[0].split("/")[0].endswith(".k8s.io")}
     assert custom == {
         ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"),
@@ -1004,3 +1006,9 @@ def test_schema_validation_rejects_unknown_fields():
     runtime = copy.deepcopy(find(objects, "TrainingRuntime", "shopvision-torch-distributed"))
     runtime["spec"]["mlPolicy"]["numNodes"] = "two"
     assert any("numNodes" in e for e in schema_errors(runtime))
+
+
+def test_the_alerts_render_alone_into_the_namespace():
+    objects = render(ALERTS)
+    assert [(o["kind"], o["metadata"]["namespace"]) for o in objects] == [("PrometheusRule", NAMESPACE)]
+    assert objects[0]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "shopvision"
