@@ -21,6 +21,7 @@ written once to the log instead of once per task.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import re
 import sys
@@ -85,7 +86,10 @@ class RunLog:
         self._stack = contextlib.ExitStack()
 
     def say(self, line: str) -> None:
-        print(line, file=self.terminal, flush=True)
+        # Not print(): kfp.local's indented_print swaps builtins.print while a task runs, from threads
+        # when tasks run in parallel (ParallelFor), and these lines are not a task's.
+        self.terminal.write(line + "\n")
+        self.terminal.flush()
 
     @staticmethod
     def strip(text: str) -> str:
@@ -103,6 +107,10 @@ class RunLog:
     def _enter(self, stack: contextlib.ExitStack) -> None:
         from kfp.local import task_dispatcher
 
+        # kfp.local's indented_print saves and restores builtins.print around each task; tasks that
+        # run in threads (ParallelFor) interleave those saves, which can leave the indenting print in
+        # place for the rest of the process. Whatever the run leaves, the process gets its own back.
+        stack.callback(setattr, builtins, "print", builtins.print)
         log = stack.enter_context(open(self.path, "w", encoding="utf-8"))  # noqa: SIM115 (closed by the stack)
         self.stream = _Stream(log, self.terminal if self.verbose else None)
         stack.enter_context(warnings.catch_warnings())

@@ -6,6 +6,7 @@ as plain functions, and on real sample photos as the pipeline's own tasks under 
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import shutil
@@ -137,6 +138,7 @@ def test_sharded_clean_under_kfp_local_equals_one_clean(sample_raw, tmp_path):
     )
     allow_oneof_artifacts()
     published = {}
+    own_print = builtins.print
     for shards in (SHARDS, 1):
         terminal = io.StringIO()
         before = set((tmp_path / "root").glob("*")) if (tmp_path / "root").exists() else set()
@@ -146,6 +148,9 @@ def test_sharded_clean_under_kfp_local_equals_one_clean(sample_raw, tmp_path):
         (run,) = set((tmp_path / "root").glob("*")) - before
         tasks = sorted(p.name for p in run.rglob("*") if (p / "executor_output.json").is_file())
         published[shards] = (run, tasks, terminal.getvalue())
+        # kfp.local swaps builtins.print per task, racily across the shards' threads; the run gives
+        # the process its own back (once left behind, every later print in this process was indented)
+        assert builtins.print is own_print
     run, tasks, shown = published[SHARDS]
     assert tasks == [
         "clean-merge-shards",
