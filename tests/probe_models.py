@@ -44,20 +44,38 @@ def held_out(offset: int) -> list[Path]:
 
 
 def probe_model(directory: Path, *, image_size: int = 64, steps: int = 150) -> Path:
-    spec = ModelSpec("efficientnet_lite0", LABELS, image_size=image_size)
+    photos = training_photos()
+    categories = [p.parent.name for p in photos]
+    return imagenet_head_model(directory, LABELS, photos, categories, image_size=image_size, steps=steps)
+
+
+def imagenet_head_model(
+    directory: Path,
+    labels: list[str],
+    photos: list[Path],
+    categories: list[str],
+    *,
+    image_size: int,
+    steps: int,
+    lr: float = 0.01,
+    fit: int | None = None,
+) -> Path:
+    """EfficientNet-Lite0 with its ImageNet backbone and a linear head fitted to `photos` (labelled
+    `categories`) by L2-regularised logistic regression on its pooled features."""
+    spec = ModelSpec("efficientnet_lite0", list(labels), image_size=image_size)
     torch.manual_seed(0)
     model = build_model(spec).eval()
     load_backbone(model, spec.arch, fetch_pretrained("imagenet", spec.arch))
-    photos = training_photos()
     transform = eval_transform(spec)
-    images = torch.stack([transform(decode_image(p.read_bytes()).image) for p in photos])
+    decode = {} if fit is None else {"fit": fit}
+    images = torch.stack([transform(decode_image(p.read_bytes(), **decode).image) for p in photos])
     with torch.inference_mode():
         features, _ = features_and_logits(model, spec.arch, images)
     features = features.clone()
-    targets = torch.tensor([LABELS.index(p.parent.name) for p in photos])
-    weight = torch.zeros(len(LABELS), features.shape[1], requires_grad=True)
-    bias = torch.zeros(len(LABELS), requires_grad=True)
-    optimiser = torch.optim.Adam([weight, bias], lr=0.01)
+    targets = torch.tensor([spec.labels.index(c) for c in categories])
+    weight = torch.zeros(spec.num_classes, features.shape[1], requires_grad=True)
+    bias = torch.zeros(spec.num_classes, requires_grad=True)
+    optimiser = torch.optim.Adam([weight, bias], lr=lr)
     for _ in range(steps):
         optimiser.zero_grad()
         loss = torch.nn.functional.cross_entropy(features @ weight.T + bias, targets)

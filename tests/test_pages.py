@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 from PIL import Image
+from probe_models import imagenet_head_model
 from test_serving import serve_process, wait_ready
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -37,19 +37,9 @@ pytestmark = pytest.mark.skipif(
 
 from shopvision.components.data.clean import clean  # noqa: E402
 from shopvision.components.data.corrections import read_corrections  # noqa: E402
-from shopvision.components.data.images import decode_image  # noqa: E402
 from shopvision.components.evaluation.evaluate import evaluate  # noqa: E402
 from shopvision.components.similarity.audit import audit  # noqa: E402
 from shopvision.components.similarity.features import extract_features  # noqa: E402
-from shopvision.components.training.models import (  # noqa: E402
-    ModelSpec,
-    build_model,
-    eval_transform,
-    features_and_logits,
-    load_backbone,
-    save_classifier,
-)
-from shopvision.components.training.weights import fetch_pretrained  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "raw"
@@ -138,29 +128,7 @@ def images_loaded(driver) -> dict:
 def imagenet_model(directory: Path, labels: list[str], photos: list[Path], categories: list[str]) -> Path:
     """EfficientNet-Lite0 at 96 px, ImageNet backbone, classifier fitted to the photos by logistic
     regression on its pooled features (as tiny_models.fitted_model does for a random ResNet)."""
-    spec = ModelSpec("efficientnet_lite0", list(labels), image_size=96)
-    torch.manual_seed(0)
-    model = build_model(spec).eval()
-    load_backbone(model, spec.arch, fetch_pretrained("imagenet", spec.arch))
-    transform = eval_transform(spec)
-    images = torch.stack([transform(decode_image(p.read_bytes(), fit=256).image) for p in photos])
-    with torch.inference_mode():
-        features, _ = features_and_logits(model, spec.arch, images)
-    features = features.clone()
-    targets = torch.tensor([spec.labels.index(c) for c in categories])
-    weight = torch.zeros(spec.num_classes, features.shape[1], requires_grad=True)
-    bias = torch.zeros(spec.num_classes, requires_grad=True)
-    optimiser = torch.optim.Adam([weight, bias], lr=0.05)
-    for _ in range(100):
-        optimiser.zero_grad()
-        loss = torch.nn.functional.cross_entropy(features @ weight.T + bias, targets)
-        (loss + 1e-3 * weight.square().sum()).backward()
-        optimiser.step()
-    with torch.no_grad():
-        model._fc.weight.copy_(weight)
-        model._fc.bias.copy_(bias)
-    save_classifier(directory, model, spec)
-    return directory
+    return imagenet_head_model(directory, labels, photos, categories, image_size=96, steps=100, lr=0.05, fit=256)
 
 
 @pytest.fixture(scope="module")
