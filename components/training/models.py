@@ -154,18 +154,3 @@ def eval_transform(spec: ModelSpec):
             v2.Normalize(spec.mean, spec.std),
         ]
     )
-
-
-def train_transform(spec: ModelSpec):
-    """Online augmentation on top of the offline copies: random resized crop and horizontal flip."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(spec.image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(spec.mean, spec.std),
-        ]
-    )
