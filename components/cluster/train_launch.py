@@ -35,7 +35,12 @@ def train_arguments(
     lr: float,
     pretrained: str | None,
     freeze_backbone: bool,
+    recipe: str = "",
 ) -> list[str]:
+    """`shopvision train` arguments; `recipe` is the pipeline's `train_recipe` text (KEY=VALUE,...),
+    checked here so a typo fails the task before any pod or worker starts."""
+    from ..training.presets import recipe_arguments
+
     args = [
         data,
         "--out",
@@ -57,7 +62,7 @@ def train_arguments(
         args += ["--pretrained", pretrained]
     if freeze_backbone:
         args.append("--freeze-backbone")
-    return args
+    return args + recipe_arguments(recipe)
 
 
 def train_in_pipeline(

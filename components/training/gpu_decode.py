@@ -169,6 +169,7 @@ class BytesBatchPreparer:
 
     def __init__(self, dataset, spec, seed: int, device: torch.device, dtype, channels_last: bool) -> None:
         self.dataset, self.spec, self.seed, self.device = dataset, spec, seed, device
+        self.aug = dataset.aug
         self.dtype, self.channels_last = dtype, channels_last
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=device)
@@ -177,12 +178,23 @@ class BytesBatchPreparer:
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         payloads, fallbacks, indices, epoch, targets = batch
         decoded = self.decode(payloads, fallbacks, indices)
-        size = self.spec.image_size
-        crops = [
-            crop_flip_resize(image, crop_flip_for(self.seed, epoch, index, *image.shape[1:]), size)
-            for image, index in zip(decoded, indices, strict=True)
-        ]
-        images = normalise(torch.stack(crops), self.mean, self.std).to(self.dtype)
+        from .recipe import augment_crop
+
+        size = self.aug.size_for(epoch)
+        images = torch.stack(
+            [
+                augment_crop(
+                    crop_flip_resize(image, crop_flip_for(self.seed, epoch, index, *image.shape[1:]), size),
+                    self.aug,
+                    self.seed,
+                    epoch,
+                    index,
+                    self.mean,
+                    self.std,
+                )
+                for image, index in zip(decoded, indices, strict=True)
+            ]
+        ).to(self.dtype)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets.to(self.device, non_blocking=True)

@@ -64,7 +64,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return getattr(torchvision.models, spec.arch)(weights=None, num_classes=spec.num_classes)
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0", num_classes=spec.num_classes)
+    return EfficientNet.from_name(spec.arch.replace("_", "-"), num_classes=spec.num_classes)
 
 
 def head_prefix(arch: str) -> str:
@@ -87,7 +87,8 @@ def features_and_logits(
 
 
 def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load pretrained weights except the classifier head; returns the names left at their init."""
+    """Load pretrained weights except the classifier head; returns the names left at their init (the
+    head's). Every backbone tensor must be there with its shape, or it is a clear error."""
     head = head_prefix(arch)
     own = model.state_dict()
     usable = {
@@ -98,8 +99,17 @@ def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor]) -
             f"the pretrained weights do not fit {arch}: no parameter name and shape matches "
             f"(first names: {', '.join(list(state)[:3])})"
         )
+    left = sorted(k for k in own if k not in usable)
+    backbone_left = [k for k in left if not k.startswith(head)]
+    unused = [k for k in state if not k.startswith(head) and k not in usable]
+    if backbone_left or unused:  # a partial load would train a half-random backbone without a word
+        raise StepError(
+            f"the pretrained weights do not fit {arch}: {len(backbone_left)} backbone tensors are missing "
+            f"or of another shape (first: {', '.join(backbone_left[:3]) or '-'}), {len(unused)} are not "
+            f"{arch}'s (first: {', '.join(unused[:3]) or '-'}); are they another architecture's?"
+        )
     model.load_state_dict(usable, strict=False)
-    return sorted(k for k in own if k not in usable)
+    return left
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

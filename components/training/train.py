@@ -26,6 +26,7 @@ from ..errors import StepError
 from . import checkpoints, distributed
 from .gpu_decode import BytesBatchPreparer, resolve_decode
 from .models import ModelSpec, build_model, head_prefix, load_backbone, save_classifier
+from .recipe import Augmentation, BatchMixer, ema_model, hard_targets, parameter_groups, warmup_cosine
 from .train_data import loaders, tensor_batches, train_labels
 from .train_record import RunRecorder
 
@@ -60,6 +61,16 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke tests on big data
     decode: str = "auto"  # cpu (Pillow in the workers), gpu (batched decode_jpeg on the device), auto
     sync_every: int | None = None  # steps between host reads of counters and SIGTERM; None: 50 CUDA, 1 CPU
+    # The recipe's levers (recipe.py), all off by default.
+    augment: str = "crop-flip"  # crop-flip, trivialaugment, randaugment
+    random_erasing: float = 0.0
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0
+    warmup_epochs: int = 0
+    head_lr_scale: float = 1.0
+    ema: float = 0.0  # decay per step; 0 = off
+    low_res_size: int | None = None
+    low_res_epochs: int = 0
 
 
 class _Preemption:
@@ -132,9 +143,23 @@ def _read(counters: torch.Tensor, preemption, ctx, step: int, curve: list | None
 
 
 def train_one_epoch(
-    model, loader, optimizer, criterion, ctx, autocast, cfg, preemption, prepare=None, curve=None
+    model,
+    loader,
+    optimizer,
+    criterion,
+    ctx,
+    autocast,
+    cfg,
+    preemption,
+    prepare=None,
+    curve=None,
+    *,
+    ema=None,
+    mixer=None,
+    epoch: int = 0,
 ) -> dict:
-    """One pass over `loader`; `prepare` turns a batch into device tensors (default: move them).
+    """One pass over `loader`; `prepare` turns a batch into device tensors (default: move them),
+    `mixer` mixes it (mixup/cutmix), and `ema` averages the weights after each step.
 
     The host reads the counters before step 0, every `sync_interval` steps and at the end, so a
     SIGTERM stops every rank within that many steps. `curve`, when given, gets (step, this rank's
@@ -159,13 +184,17 @@ def train_one_epoch(
         if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
             break
         images, targets = prepare(batch)
+        if mixer is not None:
+            images, targets = mixer(images, targets, epoch * 1_000_000 + step)
         with autocast():
             logits = model(images)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _count(counters, loss, logits, targets)
+        if ema is not None:
+            ema.update_parameters(model)
+        _count(counters, loss, logits, hard_targets(targets))
         steps += 1
     decoded = [stats.fallback, stats.on_device] if stats else []
     totals = torch.cat([counters, torch.tensor(decoded, dtype=torch.float64).to(ctx.device)])
@@ -279,9 +308,21 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     labels = train_labels(data)
     spec = ModelSpec(cfg.arch, labels, image_size=cfg.image_size)
     model, notes = build_training_model(cfg, spec, ctx)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    groups = parameter_groups(model, head_prefix(cfg.arch), cfg.lr, cfg.head_lr_scale)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.warmup_epochs:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs, cfg.warmup_epochs))
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    aug = Augmentation(
+        policy=cfg.augment,
+        erasing=cfg.random_erasing,
+        image_size=cfg.image_size,
+        low_res_size=cfg.low_res_size,
+        low_res_epochs=cfg.low_res_epochs,
+    )
+    mixer = BatchMixer(len(labels), cfg.mixup, cfg.cutmix, cfg.seed)
+    ema = ema_model(model, cfg.ema)
     scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for checkpoint format
     start_epoch, best, resumed_run = 0, None, None
     checkpoint_path = _resume_path(cfg, out)
@@ -293,6 +334,8 @@ def _run(cfg: TrainConfig, ctx) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
         start_epoch, best, resumed_run = state["epoch"], state.get("best"), state.get("mlflow_run_id")
         checkpoints.restore_rng(state["rng"])
         torch.manual_seed(cfg.seed + ctx.rank + 1000 * start_epoch)
@@ -308,7 +351,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     if decode == "gpu" and ctx.device.type != "cuda":
         notes.append("--decode gpu without CUDA: photos are decoded in the training process on the CPU")
     train_loader, val_loader, sampler = loaders(
-        data, spec, ctx, cfg.batch_size, cfg.workers, cfg.seed, decode
+        data, spec, ctx, cfg.batch_size, cfg.workers, cfg.seed, decode, aug
     )
     prepare = batch_preparer(cfg, ctx, decode, train_loader.dataset, spec)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -331,6 +374,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "epoch": next_epoch,
             "best": best,
             "rng": checkpoints.rng_state(),
@@ -344,7 +388,18 @@ def _run(cfg: TrainConfig, ctx) -> dict:
             sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             trained = train_one_epoch(
-                net, train_loader, optimizer, criterion, ctx, autocast, cfg, preemption, prepare
+                net,
+                train_loader,
+                optimizer,
+                criterion,
+                ctx,
+                autocast,
+                cfg,
+                preemption,
+                prepare,
+                ema=ema,
+                mixer=mixer if mixer.active else None,
+                epoch=epoch,
             )
             if trained.get("interrupted"):
                 if ctx.is_main:
@@ -352,7 +407,8 @@ def _run(cfg: TrainConfig, ctx) -> dict:
                     recorder.interrupted(epoch)
                 distributed.barrier(ctx)
                 raise Preempted(epoch, out)
-            metrics = {**trained, **evaluate(net, val_loader, criterion, ctx, autocast), "lr": lr}
+            judged = ema.module if ema is not None else net  # the EMA weights are what is kept
+            metrics = {**trained, **evaluate(judged, val_loader, criterion, ctx, autocast), "lr": lr}
             scheduler.step()
             improved = is_better(metrics, best)
             if improved:
@@ -362,7 +418,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
                     out, state_at(epoch + 1), epoch=epoch, is_best=improved, keep=cfg.keep_checkpoints
                 )
                 if improved:
-                    save_classifier(out / BEST_MODEL_DIR, model, spec)
+                    save_classifier(out / BEST_MODEL_DIR, ema.module if ema is not None else model, spec)
                 recorder.epoch(epoch, metrics, improved)
             distributed.barrier(ctx)
         if ctx.is_main:

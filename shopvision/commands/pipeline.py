@@ -16,13 +16,18 @@ def _compile(args: argparse.Namespace) -> None:
 
 
 def _arguments(args: argparse.Namespace, defaults: dict) -> dict:
-    """Pipeline parameters: defaults, then --taxonomy, then every --arg (the last word wins)."""
+    """Pipeline parameters: defaults, then a `--arg preset=NAME`'s values, then --taxonomy, then every
+    other --arg (the last word wins). A preset is expanded here, so the run records its values."""
+    from shopvision.components.training.presets import pipeline_arguments
     from shopvision.pipelines.cluster import parse_arguments, taxonomy_argument
 
     arguments = dict(defaults)
+    presets = [pair.partition("=")[2] for pair in args.arg if pair.startswith("preset=")]
+    if presets:
+        arguments.update(pipeline_arguments(presets[-1]))
     if args.taxonomy:
         arguments["taxonomy_csv"] = taxonomy_argument(args.taxonomy)
-    return {**arguments, **parse_arguments(args.arg)}
+    return {**arguments, **parse_arguments([p for p in args.arg if not p.startswith("preset=")])}
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -78,7 +83,11 @@ def _submit(args: argparse.Namespace) -> None:
 
 def _parameter_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--arg", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter"
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pipeline parameter; preset=product-photos sets the documented recipe's parameters",
     )
     parser.add_argument(
         "--taxonomy",

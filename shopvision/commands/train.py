@@ -13,8 +13,26 @@ ORDER = 20
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, a checkpoint was written
 
 
+def _with_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """With --preset, parse the train arguments again over the preset's values, so a flag given
+    on the command line still wins (argparse's own rules, abbreviations included)."""
+    from shopvision.components.training.presets import train_defaults
+
+    defaults = train_defaults(args.preset)
+    parser = argparse.ArgumentParser(prog="shopvision")
+    steps = parser.add_subparsers(dest="command")
+    add_parser(steps)
+    steps.choices["train"].set_defaults(**defaults)
+    again = parser.parse_args(["train", *args.raw_argv[args.raw_argv.index("train") + 1 :]])
+    again.raw_argv = args.raw_argv
+    return again
+
+
 def _config(args: argparse.Namespace):
     from shopvision.components.training.train import TrainConfig
+
+    if getattr(args, "preset", None):
+        args = _with_preset(args)
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["data"], values["out"] = str(args.data), str(args.out)
@@ -63,6 +81,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def add_parser(steps) -> None:
     from shopvision.components.training.architectures import ARCHITECTURES, RESNET_DEPTHS
+    from shopvision.components.training.presets import PRESETS
 
     p = add_step(
         steps,
@@ -91,8 +110,37 @@ def add_parser(steps) -> None:
     p.add_argument("--image-size", type=positive_int, default=224)
     p.add_argument(
         "--pretrained",
-        help="'imagenet' (efficientnet_lite0 only), a state-dict path, s3://, runs:/, models:/",
+        help="'imagenet' (efficientnet_lite0/1/2: their weights install offline), a state-dict path, "
+        "s3://, runs:/, models:/",
     )
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a named recipe's values for every option below (an option given here still wins)",
+    )
+    recipe = p.add_argument_group(
+        "recipe levers (all off by default; README's accuracy section measures them)"
+    )
+    recipe.add_argument(
+        "--augment",
+        choices=["crop-flip", "trivialaugment", "randaugment"],
+        default="crop-flip",
+        help="online augmentation after the random crop and flip",
+    )
+    recipe.add_argument("--random-erasing", type=float, default=0.0, help="probability of an erased box")
+    recipe.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off)")
+    recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta alpha (0: off)")
+    recipe.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up before the cosine")
+    recipe.add_argument(
+        "--head-lr-scale", type=float, default=1.0, help="the new head's learning rate = --lr times this"
+    )
+    recipe.add_argument(
+        "--ema", type=float, default=0.0, help="per-step decay of a weight average kept as the model (0: off)"
+    )
+    recipe.add_argument(
+        "--low-res-size", type=positive_int, help="training size of the first --low-res-epochs epochs"
+    )
+    recipe.add_argument("--low-res-epochs", type=int, default=0)
     p.add_argument("--freeze-backbone", action="store_true", help="train the classifier head only")
     p.add_argument("--resume", help="'auto' (continue from OUT/latest.pt when present) or a checkpoint path")
     p.add_argument("--keep-checkpoints", type=positive_int, default=3, help="epoch_<k>.pt files to keep")
