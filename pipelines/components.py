@@ -220,6 +220,7 @@ def evaluate_model(
     run_id: str,
     taxonomy_csv: str,
     target_accuracy: float,
+    test_time_augmentation: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
 ) -> float:
@@ -240,6 +241,7 @@ def evaluate_model(
         taxonomy=taxonomy,
         target_accuracy=target_accuracy,
         run_id=run_id or None,
+        tta=test_time_augmentation,
     )
     for key, value in headline_metrics(result.metrics).items():
         metrics.log_metric(key, value)

@@ -112,6 +112,7 @@ def training_pipeline(
     tolerations: list = [],  # noqa: B006
     taxonomy_csv: str = "",
     target_accuracy: float = 0.95,
+    test_time_augmentation: str = "none",
     min_gain: float = 0.0,
     min_accuracy: float = 0.0,
     alpha: float = 0.05,
@@ -198,6 +199,7 @@ def training_pipeline(
             run_id=trained.outputs["run_id"],
             taxonomy_csv=taxonomy_csv,
             target_accuracy=target_accuracy,
+            test_time_augmentation=test_time_augmentation,
         ),
         secrets=True,
     )

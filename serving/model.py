@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from shopvision.components.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from shopvision.components.training.models import eval_transform, load_classifier
+from shopvision.components.training.models import TTA_CHOICES, TTA_KEY, eval_transform, load_classifier
 
-from .runtime import OnnxFiles, Runtime, choose_runtime, load_runtime
+from .runtime import FlipRuntime, OnnxFiles, Runtime, choose_runtime, load_runtime
 from .settings import DEFAULT_MAX_ASPECT_RATIO
 
 log = logging.getLogger("shopvision.serving")
@@ -155,16 +155,23 @@ class PhotoClassifier:
         device: str = "auto",
         precision: str = "auto",
         threshold_tag: str | None = None,
+        tta_tag: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
         runtime: str = "torch",
         threads: int = 1,
     ) -> None:
         """`runtime` is `--runtime` (see runtime.py; `auto` picks per device and model); `threads` the
-        CPU threads of one forward pass, what each forward worker's share of the cores is."""
+        CPU threads of one forward pass, what each forward worker's share of the cores is.
+        `tta_tag` is the version's `test_time_augmentation` tag (else the spec's): with `flip` every
+        runtime answers with the flip-averaged logits the evaluation chose its threshold on."""
         self.version = str(version)
         device_type = pick_device(device)
         network, self.spec = load_classifier(Path(model_dir), "cpu")
+        network = getattr(network, "inner", network)  # the flip is applied over the runtime below
+        self.tta = tta_tag or self.spec.extra.get(TTA_KEY) or "none"
+        if self.tta not in TTA_CHOICES:
+            raise ValueError(f"test-time augmentation {self.tta!r}: choose from {', '.join(TTA_CHOICES)}")
         onnx_files = OnnxFiles.beside(model_dir)
         self.runtime_name, self.runtime_reason = choose_runtime(runtime, device_type, onnx_files)
         if self.runtime_name != "torch" and precision not in ("auto", "fp32"):
@@ -176,6 +183,8 @@ class PhotoClassifier:
         self.runtime: Runtime = load_runtime(
             self.runtime_name, onnx_files, network, self.device, self.autocast_dtype, threads
         )
+        if self.tta == "flip":
+            self.runtime = FlipRuntime(self.runtime)
         self.transform = eval_transform(self.spec)
         self.max_pixels = max_pixels
         self.max_aspect_ratio = max_aspect_ratio
@@ -250,5 +259,6 @@ class PhotoClassifier:
             f"{self.spec.arch} {self.spec.image_size}px, {self.spec.num_classes} categories, version "
             f"{self.version}, {self.runtime_name} on {self.device} {self.precision}"
             f"{f', {self.threads} thread(s) per pass' if self.threads else ''} ({self.runtime_reason}), "
+            f"{'flip test-time augmentation, ' if self.tta == 'flip' else ''}"
             f"threshold {self.threshold:g} ({self.threshold_source})"
         )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from shopvision.components.errors import StepError
 from shopvision.components.training.model_source import resolve_model_dir
+from shopvision.components.training.models import TTA_KEY
 
 from .metrics import ServingMetrics
 from .model import THRESHOLD_TAG, PhotoClassifier
@@ -40,6 +41,7 @@ class ModelRef:
     name: str | None = None  # registered model name
     alias: str | None = None
     threshold_tag: str | None = None  # the version's confidence_threshold tag
+    tta_tag: str | None = None  # the version's test_time_augmentation tag (flip, or none)
     run_id: str | None = None
 
     def describe(self) -> str:
@@ -110,6 +112,7 @@ def resolve(requested: str) -> ModelRef:
         name=name,
         alias=alias,
         threshold_tag=(found.tags or {}).get(THRESHOLD_TAG),
+        tta_tag=(found.tags or {}).get(TTA_KEY),
         run_id=found.run_id,
     )
 
@@ -123,7 +126,11 @@ def load_version(ref: ModelRef, *, warm_up: tuple[int, ...] = (1,), **options) -
     """Download `ref`, build the classifier and warm it up; `options` go to PhotoClassifier."""
     started = time.perf_counter()
     model = PhotoClassifier(
-        resolve_model_dir(ref.uri), version=ref.version, threshold_tag=ref.threshold_tag, **options
+        resolve_model_dir(ref.uri),
+        version=ref.version,
+        threshold_tag=ref.threshold_tag,
+        tta_tag=ref.tta_tag,
+        **options,
     )
     model.warm_up(warm_up)
     log.info("loaded %s: %s in %.1f s", ref.describe(), model.describe(), time.perf_counter() - started)

@@ -76,6 +76,19 @@ class TorchRuntime:
                 return self.network(batch).float()
 
 
+class FlipRuntime:
+    """Horizontal-flip test-time augmentation over any runtime: the photos and their mirror images
+    in one batch of 2N, logits averaged (what `evaluate --tta flip` measured and thresholded)."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.name, self.platform, self.threads = inner.name, inner.platform, inner.threads
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        plain, mirrored = self.inner.logits(torch.cat([batch, batch.flip(-1)])).chunk(2)
+        return (plain + mirrored) / 2
+
+
 class OnnxRuntime:
     """An ONNX file in an ONNX Runtime CPU session.
 

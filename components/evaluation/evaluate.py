@@ -226,15 +226,25 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    tta: str | None = None,
 ) -> EvaluationResult:
     """Predict every photo of the test folder, write the results to OUT, log them to RUN_ID if given.
 
     The confidence threshold is chosen on the validation photos (`threshold_data`, or the `val/`
     folder of a split root) and only reported on test; without them no threshold is chosen.
+    `tta` ("flip" or "none"; None keeps the model's own) is evaluated, thresholded and written into
+    the model copy's spec, so the server answers with the same passes the threshold was chosen on.
     """
     from ..data.fingerprint import data_fingerprint
     from ..training.model_source import resolve_model_dir
-    from ..training.models import SPEC_NAME, WEIGHTS_NAME, load_classifier
+    from ..training.models import (
+        SPEC_NAME,
+        TTA_CHOICES,
+        TTA_KEY,
+        WEIGHTS_NAME,
+        load_classifier,
+        with_test_time_augmentation,
+    )
     from .report import write_evaluation_report
 
     if not 0.0 < target_accuracy <= 1.0:
@@ -247,6 +257,11 @@ def evaluate(
     model_dir = resolve_model_dir(model)
     target = pick_device(device)
     network, spec = load_classifier(model_dir, target)
+    if tta is not None:
+        if tta not in TTA_CHOICES:
+            raise StepError(f"--tta {tta!r}: choose from {', '.join(TTA_CHOICES)}")
+        spec.extra[TTA_KEY] = None if tta == "none" else tta
+        network = with_test_time_augmentation(network, spec)
     if mapping is not None:  # fail before predicting, not after
         missing = sorted((set(categories) | set(spec.labels)) - set(mapping))
         if missing:
@@ -279,6 +294,7 @@ def evaluate(
     ]
     metrics["model"] = str(model)
     metrics["arch"] = spec.arch
+    metrics["test_time_augmentation"] = spec.extra.get(TTA_KEY) or "none"
     metrics["test_dir"] = str(test_dir)
     metrics["test_data_fingerprint"] = data_fingerprint(test_dir)
     if mapping is not None:

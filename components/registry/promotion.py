@@ -96,13 +96,15 @@ def score_model(
     batch_size: int = 64,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    tta: str | None = None,
 ) -> tuple[Score, int]:
     """(per-photo top-1 score keyed by content hash, unreadable files) of a registered model version.
 
-    Per photo, not a count: the paired test needs which photos each model got right.
+    Per photo, not a count: the paired test needs which photos each model got right. `tta` is the
+    version's test_time_augmentation tag: each version is judged as it is served.
     """
     from ..evaluation.predict import pick_device, predict_files
-    from ..training.models import load_classifier
+    from ..training.models import TTA_KEY, load_classifier, with_test_time_augmentation
 
     with tempfile.TemporaryDirectory(prefix="shopvision-promote-") as scratch:
         model_dir = download_model(uri, Path(scratch), tracking_uri)
@@ -112,6 +114,9 @@ def score_model(
             raise
         except Exception as exc:  # e.g. weights whose names or shapes do not fit the spec's network
             raise StepError(f"cannot load {uri}: {type(exc).__name__}: {first_line(exc)}") from None
+    if tta:
+        spec.extra[TTA_KEY] = tta
+        network = with_test_time_augmentation(network, spec)
     files = [p.path for p in photos]
     result = predict_files(network, spec, files, top_k=1, batch_size=batch_size, progress=progress)
     by_path = {p.path: p for p in photos}
@@ -194,11 +199,14 @@ def promote(
     scores: dict[tuple[str, str], tuple[Score, int]] = {}
 
     def score(v: str, pool: list[EvaluationPhoto]) -> tuple[Score, int]:
+        from ..training.models import TTA_KEY
+
         key = (v, set_fingerprint(p.sha256 for p in pool))
         if key not in scores:
             scores[key] = score_model(
                 f"models:/{name}/{v}",
                 pool,
+                tta=(model_version(client, name, v).tags or {}).get(TTA_KEY),
                 tracking_uri=uri,
                 batch_size=batch_size,
                 device=device,

@@ -20,6 +20,8 @@ from pathlib import Path
 from ..errors import StepError
 from ..evaluation.evaluate import THRESHOLD_KEY, headline_metrics, tag_value
 
+TTA_TAG = "test_time_augmentation"  # training.models.TTA_KEY; a version tag, as evaluate chose it
+
 CHAMPION = "champion"
 PREVIOUS = "previous"
 LOGGED_MODEL_NAME = "model"  # the name training logs the classifier under
@@ -237,6 +239,8 @@ def registration_tags(client, run, test_metrics: Mapping | None) -> dict[str, st
         tags[THRESHOLD_KEY] = threshold
     else:
         tags.pop(f"test_{THRESHOLD_KEY}", None)
+    if (test_metrics or {}).get(TTA_TAG, "none") != "none":  # the passes the threshold was chosen on
+        tags[TTA_TAG] = test_metrics[TTA_TAG]
     return tags
 
 

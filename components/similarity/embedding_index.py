@@ -101,6 +101,7 @@ def load_index(directory: str | Path) -> EmbeddingIndex:
 
 def feature_dims(model: torch.nn.Module, spec: ModelSpec) -> int:
     """Width of the embeddings MODEL gives: the input width of its classifier head."""
+    model = getattr(model, "inner", model)  # FlipAveraged: features are of the photo as it is
     head = model.fc if spec.arch.startswith("resnet") else model._fc
     return int(head.in_features)
 

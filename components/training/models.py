@@ -72,10 +72,42 @@ def head_prefix(arch: str) -> str:
     return "fc." if arch.startswith("resnet") else "_fc."
 
 
+TTA_KEY = "test_time_augmentation"  # spec.extra: "flip", or absent for one pass
+TTA_CHOICES = ("none", "flip")
+
+
+class FlipAveraged(nn.Module):
+    """Horizontal-flip test-time augmentation: the logits of the photo and of its mirror image,
+    averaged. One batch of twice the photos, so the extra pass costs one forward of N more photos;
+    an ONNX export of this module carries the flip, so every runtime serves what was evaluated."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(torch.cat([images, images.flip(-1)]))
+        plain, mirrored = logits.chunk(2)
+        return (plain + mirrored) / 2
+
+
+def with_test_time_augmentation(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """The network as the spec says it is served: wrapped in FlipAveraged when its evaluation chose
+    flip test-time augmentation (spec.extra[TTA_KEY]), else as it is."""
+    inner = model.inner if isinstance(model, FlipAveraged) else model
+    choice = spec.extra.get(TTA_KEY) or "none"
+    if choice not in TTA_CHOICES:
+        raise StepError(f"model spec: unknown test-time augmentation {choice!r}; choose from {TTA_CHOICES}")
+    return FlipAveraged(inner) if choice == "flip" else inner
+
+
 def features_and_logits(
     model: nn.Module, arch: str, images: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pooled features (the layer before the classifier) and the logits, in one forward pass."""
+    """The pooled features (the layer before the classifier) and the logits, in one forward pass
+    (without test-time augmentation: similar-photo features are of the photo as it is)."""
+    if isinstance(model, FlipAveraged):
+        model = model.inner
     if arch.startswith("resnet"):
         x = model.conv1(images)
         x = model.maxpool(model.relu(model.bn1(x)))
@@ -141,14 +173,15 @@ def save_classifier(directory: Path, model: nn.Module, spec: ModelSpec) -> None:
 
 
 def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """Rebuild a saved classifier from its spec and weights (no arbitrary unpickling), in eval mode."""
+    """Rebuild a saved classifier from its spec and weights (no arbitrary unpickling), in eval mode,
+    with the test-time augmentation its evaluation chose."""
     directory = Path(directory)
     if not (directory / SPEC_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise StepError(f"{directory} is not a saved model: it needs {SPEC_NAME} and {WEIGHTS_NAME}")
     spec = ModelSpec.from_json((directory / SPEC_NAME).read_text())
     model = build_model(spec)
     model.load_state_dict(read_state_dict(directory / WEIGHTS_NAME))
-    return model.to(device).eval(), spec
+    return with_test_time_augmentation(model, spec).to(device).eval(), spec
 
 
 def eval_transform(spec: ModelSpec):

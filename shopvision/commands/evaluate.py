@@ -70,6 +70,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
         progress=progress_printer("evaluate"),
+        tta=args.tta,
     )
     for u in result.unreadable:
         print(f"evaluate: unreadable {u.path}: {u.reason} ({u.detail})", file=sys.stderr)
@@ -131,6 +132,13 @@ def add_parser(steps) -> None:
         default=0.95,
         help="the confidence threshold is the lowest one whose validation photos reach this accuracy "
         "(default 0.95)",
+    )
+    evaluate.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        help="test-time augmentation: flip averages each photo's logits with its mirror image's (one "
+        "extra pass); evaluated, thresholded and written into the model copy, so serve uses it too "
+        "(default: the model's own, none for a trained model)",
     )
     evaluate.add_argument(
         "--threshold-data",
