@@ -128,7 +128,9 @@ def images_loaded(driver) -> dict:
 def imagenet_model(directory: Path, labels: list[str], photos: list[Path], categories: list[str]) -> Path:
     """EfficientNet-Lite0 at 96 px, ImageNet backbone, classifier fitted to the photos by logistic
     regression on its pooled features (as tiny_models.fitted_model does for a random ResNet)."""
-    return imagenet_head_model(directory, labels, photos, categories, image_size=96, steps=100, lr=0.05, fit=256)
+    return imagenet_head_model(
+        directory, labels, photos, categories, image_size=96, steps=100, lr=0.05, fit=256
+    )
 
 
 @pytest.fixture(scope="module")

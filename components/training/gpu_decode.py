@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..data.images import ImageDecodeError, decode_image
 from ..errors import StepError
+from .recipe import augment_crop, normalise  # noqa: F401 (normalise: both data paths' one normaliser)
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RATIO = (3 / 4, 4 / 3)
@@ -86,15 +87,6 @@ def crop_flip_resize(image: torch.Tensor, box: CropFlip, size: int) -> torch.Ten
         patch[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )[0]
     return out.flip(-1) if box.flip else out
-
-
-def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """0–255 floats (CHW or NCHW) → (x/255 − mean)/std per channel. `mean`/`std` may already be
-    tensors on the images' device: building them from Python numbers copies to the GPU, and a copy
-    from pageable memory waits for the GPU, so the bytes path builds them once."""
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    return (images / 255 - mean) / std
 
 
 def pillow_tensor(data: bytes) -> torch.Tensor:
@@ -178,8 +170,6 @@ class BytesBatchPreparer:
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         payloads, fallbacks, indices, epoch, targets = batch
         decoded = self.decode(payloads, fallbacks, indices)
-        from .recipe import augment_crop
-
         size = self.aug.size_for(epoch)
         images = torch.stack(
             [

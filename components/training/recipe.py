@@ -51,6 +51,15 @@ class Augmentation:
         return self.image_size
 
 
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """0–255 floats (CHW or NCHW) → (x/255 − mean)/std per channel. `mean`/`std` may already be
+    tensors on the images' device: building them from Python numbers copies to the GPU, and a copy
+    from pageable memory waits for the GPU, so the bytes path builds them once."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images / 255 - mean) / std
+
+
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
     digest = hashlib.blake2b(f"recipe/{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
@@ -67,8 +76,6 @@ def augment_crop(
 ) -> torch.Tensor:
     """A cropped float photo in 0–255 (CHW) → the normalised training tensor, with the policy
     applied before normalising and random erasing after, both drawn from (seed, epoch, index)."""
-    from .gpu_decode import normalise
-
     if aug.policy == "crop-flip" and not aug.erasing:
         return normalise(crop, mean, std)
     generator = _generator(seed, epoch, index)
