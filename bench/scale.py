@@ -102,16 +102,18 @@ def run_step(step: str, source: Path, out: Path, options: dict) -> dict:
 
         result = split(source, out, lookalike=options["lookalike"], progress=lambda *_: None)
         return {"photos": len(result.photos)}
+    from shopvision.components.data.manifest import split_photos
+
     if step == "balance":
         from shopvision.components.data.balance import balance
 
         balance(source, out)
-        return {"photos": sum(1 for _ in (source / "train").rglob("*.jpg"))}
+        return {"photos": len(split_photos(source, "train"))}  # train samples of split's manifest
     if step == "augment":
         from shopvision.components.data.augment import augment
 
         augment(source, out)
-        return {"photos": sum(1 for _ in (source / "train").rglob("*.jpg"))}
+        return {"photos": len(split_photos(source, "train"))}
     if step == "embeddings":
         from shopvision.components.data.lookalike import embed_photos
 

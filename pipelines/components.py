@@ -5,6 +5,10 @@ Rules (see ../shared/PLATFORM-NOTES.md): bodies only plumb arguments, imports li
 project image, which already holds kfp (install_kfp_package=False). The image is read from
 $SHOPVISION_IMAGE when this module is imported, so `shopvision pipeline compile --image` sets it.
 No `from __future__ import annotations` here: KFP reads the annotations as types.
+
+split, balance and augment hand on manifests (references into the cleaned photos), not copies, so
+every task that opens photos takes the cleaned artifact beside the manifest and passes it as the
+root "cleaned" (`roots={"cleaned": cleaned.path}`): each pod mounts an artifact at its own path.
 """
 
 import os
@@ -152,17 +156,33 @@ def balance_photos(splits: Input[Dataset], percentile: float, balanced: Output[D
 
 @component
 def augment_photos(
-    balanced: Input[Dataset], augmentations: str, angle: float, seed: int, augmented: Output[Dataset]
+    balanced: Input[Dataset],
+    cleaned: Input[Dataset],
+    augmentations: str,
+    angle: float,
+    seed: int,
+    augmented: Output[Dataset],
 ) -> str:
+    """Only the new photos and a manifest; the originals stay in `cleaned`, referenced."""
     from shopvision.components.data.augment import augment, summary
 
     operations = [op.strip() for op in augmentations.split(",") if op.strip()]
-    return summary(augment(balanced.path, augmented.path, operations=operations, angle=angle, seed=seed))
+    return summary(
+        augment(
+            balanced.path,
+            augmented.path,
+            operations=operations,
+            angle=angle,
+            seed=seed,
+            roots={"cleaned": cleaned.path},
+        )
+    )
 
 
 @component
 def train_model(
     data: Input[Dataset],
+    cleaned: Input[Dataset],
     arch: str,
     epochs: int,
     batch_size: int,
@@ -188,6 +208,7 @@ def train_model(
     record = train_in_pipeline(
         data=data.path,
         out=model.path,
+        roots={"cleaned": cleaned.path},
         arch=arch,
         epochs=epochs,
         batch_size=batch_size,
@@ -217,6 +238,7 @@ def train_model(
 def evaluate_model(
     model: Input[Model],
     data: Input[Dataset],
+    cleaned: Input[Dataset],
     run_id: str,
     taxonomy_csv: str,
     target_accuracy: float,
@@ -242,6 +264,7 @@ def evaluate_model(
         target_accuracy=target_accuracy,
         run_id=run_id or None,
         tta=test_time_augmentation,
+        roots={"cleaned": cleaned.path},
     )
     for key, value in headline_metrics(result.metrics).items():
         metrics.log_metric(key, value)
@@ -252,7 +275,12 @@ def evaluate_model(
 
 @component
 def register_model(
-    run_id: str, model_name: str, evaluation: Input[Artifact], data: Input[Dataset], onnx_export: str
+    run_id: str,
+    model_name: str,
+    evaluation: Input[Artifact],
+    data: Input[Dataset],
+    cleaned: Input[Dataset],
+    onnx_export: str,
 ) -> str:
     """onnx_export "fp32" (or "int8") also writes the ONNX files serving's `--runtime auto` picks on a
     CPU, checked on the split's test photos (int8 calibrated on val); "none" skips the export."""
@@ -267,6 +295,7 @@ def register_model(
         test_metrics=f"{evaluation.path}/metrics.json",
         onnx_photos=None if onnx_export == "none" else data.path,
         quantize="int8" if onnx_export == "int8" else None,
+        roots={"cleaned": cleaned.path},
     )
     print(register_summary(result))
     return result.version
@@ -277,6 +306,7 @@ def promote_model(
     model_name: str,
     version: str,
     data: Input[Dataset],
+    cleaned: Input[Dataset],
     min_gain: float,
     min_accuracy: float,
     alpha: float,
@@ -297,6 +327,7 @@ def promote_model(
         alpha=alpha,
         allow_unknown_training_data=allow_unknown_training_data,
         notify=print,
+        roots={"cleaned": cleaned.path},
     )
     print(promote_summary(decision))
     champion = decision.candidate_version if decision.promoted else (decision.champion_version or "")

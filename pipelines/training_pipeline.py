@@ -157,6 +157,7 @@ def training_pipeline(
     augmented = _cluster_settings(
         c.augment_photos(
             balanced=balanced.outputs["balanced"],
+            cleaned=cleaned,
             augmentations=augmentations,
             angle=rotation_angle,
             seed=split_seed,
@@ -166,6 +167,7 @@ def training_pipeline(
     trained = _cluster_settings(
         c.train_model(
             data=augmented.outputs["augmented"],
+            cleaned=cleaned,  # the manifests reference the cleaned photos: no step copies them
             arch=arch,
             epochs=epochs,
             batch_size=batch_size,
@@ -196,6 +198,7 @@ def training_pipeline(
         c.evaluate_model(
             model=trained.outputs["model"],
             data=splits.outputs["splits"],
+            cleaned=cleaned,
             run_id=trained.outputs["run_id"],
             taxonomy_csv=taxonomy_csv,
             target_accuracy=target_accuracy,
@@ -220,6 +223,7 @@ def training_pipeline(
             model_name=model_name,
             evaluation=evaluated.outputs["evaluation"],
             data=splits.outputs["splits"],
+            cleaned=cleaned,
             onnx_export=onnx_export,
         ),
         secrets=True,
@@ -229,6 +233,7 @@ def training_pipeline(
             model_name=model_name,
             version=registered.output,
             data=splits.outputs["splits"],
+            cleaned=cleaned,
             min_gain=min_gain,
             min_accuracy=min_accuracy,
             alpha=alpha,

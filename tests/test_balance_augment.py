@@ -1,6 +1,6 @@
 import json
 import math
-import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +9,7 @@ from PIL import Image
 
 from shopvision.components.data.augment import augment, rotate_edge_filled
 from shopvision.components.data.balance import balance, balance_target, source_of_copy
+from shopvision.components.data.manifest import MANIFEST_FILE, read_manifest, split_photos
 from shopvision.components.data.split import split
 from shopvision.components.errors import StepError
 
@@ -35,24 +36,26 @@ def test_target_is_the_percentile_rounded_up():
     assert balance_target([7, 7, 7], 98) == 7
 
 
-def test_balance_raises_small_categories_with_hard_links(tmp_path):
+def test_balance_raises_small_categories_by_copy_counts_not_copies(tmp_path):
     source = _split_dir(tmp_path / "split", {"rare": 3, "mid": 10, "big": 40})
     result = balance(source, tmp_path / "balanced", percentile=50)
     assert result.target == 10
     assert result.categories["rare"] == {"count": 3, "added": 7, "factor": round(10 / 3, 4)}
     assert result.categories["mid"]["added"] == 0 and result.categories["big"]["added"] == 0
-    rare = sorted((tmp_path / "balanced" / "train" / "rare").iterdir())
+    # balance writes its record and a manifest, no photo and no link
+    assert sorted(p.name for p in (tmp_path / "balanced").iterdir()) == ["balance.json", MANIFEST_FILE]
+    rare = [p for p in split_photos(tmp_path / "balanced", "train") if p.category == "rare"]
     assert len(rare) == 10
-    # every original is repeated evenly (3 photos → 4, 3, 3 uses) and every copy shares its source's inode
-    uses = {}
-    for path in rare:
-        original = source_of_copy(path.name) or path.name
-        uses[original] = uses.get(original, 0) + 1
-        assert path.stat().st_ino == (source / "train" / "rare" / original).stat().st_ino
+    # every original is repeated evenly (3 photos → 4, 3, 3 uses), under the names the links had
+    uses = Counter(source_of_copy(p.name.split("/")[1]) or p.name.split("/")[1] for p in rare)
     assert sorted(uses.values()) == [3, 3, 4]
-    assert len(list((tmp_path / "balanced" / "train" / "big").iterdir())) == 40
+    for p in rare:  # each sample is its original photo, read where split found it
+        name = p.name.split("/")[1]
+        assert p.path == source / "train" / "rare" / (source_of_copy(name) or name)
+    assert "rare/rare000.copy3.jpg" in {p.name for p in rare}
+    assert len([p for p in split_photos(tmp_path / "balanced", "train") if p.category == "big"]) == 40
     for split_name in ("val", "test"):  # untouched
-        assert len(list((tmp_path / "balanced" / split_name).rglob("*.jpg"))) == 3
+        assert len(split_photos(tmp_path / "balanced", split_name)) == 3
     manifest = json.loads((tmp_path / "balanced" / "balance.json").read_text())
     assert manifest["target"] == 10 and manifest["categories"]["rare"]["added"] == 7
 
@@ -104,13 +107,14 @@ def test_augment_outputs_geometry_and_names(tmp_path):
     _bar_image().save(split_root / "train" / "shapes" / "123_1.png")
     augment(split_root, tmp_path / "aug", workers=1)
     folder = tmp_path / "aug" / "train" / "shapes"
-    assert sorted(p.name for p in folder.iterdir()) == [
+    assert sorted(p.name for p in folder.iterdir()) == [  # the new photos only: the source is referenced
         "123_1.grain.png",
         "123_1.mirror.png",
-        "123_1.png",
         "123_1.rot_ccw.png",
         "123_1.rot_cw.png",
     ]
+    samples = sorted(p.name for p in split_photos(tmp_path / "aug", "train"))
+    assert samples == sorted(["shapes/123_1.png"] + [f"shapes/{p.name}" for p in folder.iterdir()])
     mirrored = np.asarray(Image.open(folder / "123_1.mirror.png"))
     assert mirrored[15, 110, 1] > 200 and mirrored[15, 15, 1] < 230  # the green block moved to the right
     assert _red_slope(Image.open(folder / "123_1.rot_cw.png")) > 0.2
@@ -120,15 +124,19 @@ def test_augment_outputs_geometry_and_names(tmp_path):
     assert 3 < np.std(grain - original) < 40 and abs(np.mean(grain - original)) < 3
 
 
-def test_augment_keeps_balance_proportions_and_links_deterministic_outputs(tmp_path):
+def test_augment_keeps_balance_proportions_and_repeats_deterministic_outputs(tmp_path):
     out = _augmented(tmp_path)
+    per_category = Counter(p.category for p in split_photos(out, "train"))
+    assert per_category == {"rare": 4 * 5, "big": 4 * 5}
+    rows = {e.path: e for e in read_manifest(out).entries if e.root == "augmented"}
+    assert rows["train/rare/rare000.mirror.jpg"].copies == 2  # same pixels for both copies: one file
+    assert not (out / "train" / "rare" / "rare000.copy1.mirror.jpg").exists()
     rare = out / "train" / "rare"
-    big = out / "train" / "big"
-    assert len(list(rare.iterdir())) == len(list(big.iterdir())) == 4 * 5
-    copy, source = rare / "rare000.copy1.mirror.jpg", rare / "rare000.mirror.jpg"
-    assert os.path.samefile(copy, source)  # same pixels, so one file, not two
     assert (rare / "rare000.copy1.grain.jpg").read_bytes() != (rare / "rare000.grain.jpg").read_bytes()
-    assert not list((out / "val").rglob("*.grain.jpg")) and len(list((out / "test").rglob("*.jpg"))) == 2
+    assert not (out / "val").exists() and not (out / "test").exists()
+    assert len(split_photos(out, "test")) == 2 and not any(
+        "grain" in p.name for p in split_photos(out, "val")
+    )
 
 
 def test_augment_is_deterministic_for_a_seed(tmp_path):
@@ -144,7 +152,8 @@ def test_augment_is_deterministic_for_a_seed(tmp_path):
 def test_operations_can_be_switched_off(tmp_path):
     out = _augmented(tmp_path, operations=["mirror"])
     names = [p.name for p in (out / "train" / "big").iterdir()]
-    assert len(names) == 8 and all(".grain" not in n and ".rot_" not in n for n in names)
+    assert len(names) == 4 and all(n.endswith(".mirror.jpg") for n in names)
+    assert len([p for p in split_photos(out, "train") if p.category == "big"]) == 8
 
 
 @pytest.mark.parametrize(
@@ -172,7 +181,7 @@ def test_whole_data_chain_on_the_sample(cleaned_sample, tmp_path):
     split(cleaned_sample, tmp_path / "split", val=0.15, test=0.15)
     result = balance(tmp_path / "split", tmp_path / "balanced")
     augment(tmp_path / "balanced", tmp_path / "aug", workers=2)
-    train_counts = {c.name: len(list(c.iterdir())) for c in (tmp_path / "aug" / "train").iterdir()}
+    train_counts = Counter(p.category for p in split_photos(tmp_path / "aug", "train"))
     for category, row in result.categories.items():
         assert train_counts[category] == 5 * (row["count"] + row["added"])
     assert min(r["count"] + r["added"] for r in result.categories.values()) == result.target

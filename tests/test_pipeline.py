@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from shopvision.components.data.fetch import fetch_photos, fingerprint_location
+from shopvision.components.data.split import read_split_photos
 from shopvision.components.errors import StepError
 from shopvision.components.training.launch import free_port
 from shopvision.pipelines.cluster import COMPILED, compile_pipeline, parse_arguments
@@ -310,8 +311,9 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
     evaluation = run_root / "evaluate-model" / "evaluation"
     metrics = json.loads((evaluation / "metrics.json").read_text())
     rows = (evaluation / "predictions.csv").read_text().splitlines()[1:]
-    split_manifest = json.loads((run_root / "split-photos" / "splits" / "split.json").read_text())
-    test_photos = [e for e in split_manifest["photos"] if e["split"] == "test"]
+    split_photos = read_split_photos(run_root / "split-photos" / "splits")  # its manifest: no photo copied
+    assert not list((run_root / "split-photos" / "splits").rglob("*.jpg"))
+    test_photos = [p for p in split_photos if p.split == "test"]
     assert len(rows) == metrics["counts"]["images"] == len(test_photos) == int(champion.tags["test_images"])
     assert metrics["top1_accuracy"] == pytest.approx(accuracy)
     run = client.get_run(champion.run_id)
@@ -328,9 +330,8 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
     assert "audit/report.html" in logged  # the review page beside the evaluation's report
 
     # The first promotion froze the test photos; the training run's own photos are not among them.
-    manifest = split_manifest["photos"]
-    frozen = {e["sha256"] for e in manifest if e["split"] == "test"}
-    trained_on = {e["sha256"][:16] for e in manifest if e["split"] != "test"}
+    frozen = {p.sha256 for p in split_photos if p.split == "test"}
+    trained_on = {p.sha256[:16] for p in split_photos if p.split != "test"}
     registered = client.get_registered_model("pipeline-test")
     assert registered.tags["evaluation_set.photos"] == str(len(frozen)) and frozen
     listed = client.download_artifacts(champion.run_id, "data/training_photos.txt.gz", str(tmp_path / "dl"))
@@ -341,7 +342,8 @@ def test_whole_pipeline_under_kfp_local_from_s3(s3, sample_raw, tmp_path, monkey
     again = run_locally({**arguments, "split_seed": 5, "audit": False}, tmp_path / "work2")
     second_root = next((tmp_path / "work2" / "pipeline-root").iterdir())
     second = json.loads((second_root / "split-photos" / "splits" / "split.json").read_text())
-    assert {e["sha256"] for e in second["photos"] if e["split"] == "test"} >= frozen
+    second_photos = read_split_photos(second_root / "split-photos" / "splits")
+    assert {p.sha256 for p in second_photos if p.split == "test"} >= frozen
     assert second["frozen"] == {"photos": len(frozen), "found": len(frozen), "missing": 0}
     candidate = client.get_model_version("pipeline-test", "2")
     assert candidate.tags["promotion.evaluation_photos"] == str(len(frozen))

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from shopvision.components.data.clean import clean
+from shopvision.components.data.manifest import split_photos
 from shopvision.components.data.naming import product_id
 from shopvision.components.data.split import (
     SplitPhoto,
@@ -20,10 +21,8 @@ from shopvision.components.errors import StepError
 
 
 def _photos(root: Path) -> dict[str, set[str]]:
-    return {
-        s: {p.relative_to(root / s).as_posix() for p in (root / s).rglob("*.jpg")}
-        for s in ("train", "val", "test")
-    }
+    """ "<category>/<name>" of each split's photos, read from split's manifest."""
+    return {s: {p.name for p in split_photos(root, s)} for s in ("train", "val", "test")}
 
 
 def test_every_category_trains_and_no_photo_is_in_two_splits(cleaned_sample, tmp_path):
@@ -36,8 +35,9 @@ def test_every_category_trains_and_no_photo_is_in_two_splits(cleaned_sample, tmp
     for counts in result.counts.values():
         assert counts["train"] >= 1  # val/test follow each group's hash: a small category may have none
     assert sum(c["test"] for c in result.counts.values()) >= 10
-    manifest = json.loads((tmp_path / "split" / "split.json").read_text())
-    assert Counter(manifest["assignments"].values()) == {s: len(p) for s, p in photos.items()}
+    recorded = read_split_photos(tmp_path / "split")
+    assert Counter(p.split for p in recorded) == {s: len(p) for s, p in photos.items()}
+    assert json.loads((tmp_path / "split" / "split.json").read_text())["photo_count"] == len(cleaned)
 
 
 def test_each_group_follows_its_own_hash_and_the_fractions_hold_overall(cleaned_sample, tmp_path):
@@ -158,7 +158,8 @@ def test_an_item_reshot_under_another_product_id_lands_in_the_same_split(sample_
     )
     manifest = json.loads((tmp_path / "split" / "split.json").read_text())
     assert manifest["groups"]["groups"] == len({p.group for p in result.photos})
-    assert {e["file"]: e["group"] for e in manifest["photos"]} == {p.file: p.group for p in result.photos}
+    recorded = read_split_photos(tmp_path / "split")
+    assert {p.file: p.group for p in recorded} == {p.file: p.group for p in result.photos}
 
 
 def test_growing_the_catalogue_moves_no_assigned_photo(cleaned_sample, tmp_path):
@@ -207,10 +208,10 @@ def test_the_frozen_set_stays_in_test_under_a_new_seed(cleaned_sample, tmp_path)
     frozen_groups = {p.group for p in second.photos if p.sha256 in frozen}
     assert all(p.split == "test" for p in second.photos if p.group in frozen_groups)
     assert second.frozen == {"photos": len(frozen), "found": len(frozen), "missing": 0}
-    # balance and augment carry the manifest, so train can list exactly its train and val photos
+    # the manifest carries every photo's hash, so train can list exactly its train and val photos
     test_photos = read_split_photos(tmp_path / "b", ("test",))
     assert {p.sha256 for p in test_photos} >= set(frozen)
-    assert all(p.path(tmp_path / "b").is_file() for p in test_photos)
+    assert all(p.path.is_file() for p in split_photos(tmp_path / "b", "test"))
 
 
 def test_large_groups_are_no_likelier_to_be_tested_than_small_ones():

@@ -19,7 +19,8 @@ import mlflow
 import pytest
 import torch
 
-from shopvision.components.data.split import split
+from shopvision.components.data.manifest import split_photos
+from shopvision.components.data.split import read_split_photos, split
 from shopvision.components.errors import StepError
 from shopvision.components.training import checkpoints
 from shopvision.components.training.launch import free_port
@@ -67,7 +68,7 @@ def trained(split_sample, tmp_path_factory) -> tuple[Path, Path, dict]:
 
 
 def _val_count(data: Path) -> int:
-    return len(list((data / "val").rglob("*.jpg")))
+    return len(split_photos(data, "val"))
 
 
 def test_top_k_counts_by_hand():
@@ -110,7 +111,7 @@ def test_training_writes_checkpoints_best_model_and_run(trained, split_sample):
     best_ckpt = checkpoints.load(out / "model_best.pt")
     assert best_ckpt["best"]["epoch"] == best["epoch"]
     model, spec = load_classifier(resolve_model_dir(out))
-    assert spec.labels == sorted(p.name for p in (split_sample / "train").iterdir())
+    assert spec.labels == sorted({p.category for p in split_photos(split_sample, "train")})
     assert best["val_images"] == _val_count(split_sample)
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1]
@@ -136,10 +137,10 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(trained, split_sample
     local = client.download_artifacts(record["run_id"], "data/training_photos.txt.gz", str(out / "dl"))
     with gzip.open(local, "rt") as handle:
         listed = handle.read().split()
-    manifest = json.loads((split_sample / "split.json").read_text())["photos"]
-    wanted = {e["sha256"][:16] for e in manifest if e["split"] in ("train", "val")}
+    recorded = read_split_photos(split_sample)
+    wanted = {p.sha256[:16] for p in recorded if p.split in ("train", "val")}
     assert listed == sorted(wanted) and found.data.tags["training_photos"] == str(len(wanted))
-    assert not {e["sha256"][:16] for e in manifest if e["split"] == "test"} & set(listed)
+    assert not {p.sha256[:16] for p in recorded if p.split == "test"} & set(listed)
     loaded, spec = load_classifier(resolve_model_dir(record["model_uri"]))
     reference, _ = load_classifier(out / "model_best")
     x = torch.randn(2, 3, 32, 32)

@@ -4,6 +4,11 @@ With launcher `local` (the default under kfp.local) the task runs `shopvision tr
 `trainjob` (Kubeflow Trainer v2) or `pytorchjob` (Training Operator v1) it copies the data to the
 shared volume, creates the job with the project image and the same `shopvision train` command,
 watches it, copies model_best and run.json back into the task's output and deletes the job.
+
+The data is a manifest (augment's or balance's output) whose rows reference the cleaned photos: the
+task passes where each root lies (`--root cleaned=DIR`), and on the cluster copies to the shared
+volume only the photos the manifest references, under `roots/<name>/<path>`, beside the manifest's
+own folder (augment's new photos). A folder layout is copied whole, as before.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -65,6 +71,37 @@ def train_arguments(
     return args + recipe_arguments(recipe)
 
 
+def root_arguments(roots: Mapping[str, str | Path] | None) -> list[str]:
+    """`--root NAME=DIR` for each root, in name order."""
+    return [arg for name, folder in sorted((roots or {}).items()) for arg in ("--root", f"{name}={folder}")]
+
+
+def stage_data(
+    data: str | Path, target: Path, roots: Mapping[str, str | Path] | None = None
+) -> dict[str, Path]:
+    """Copy DATA to TARGET/data for a training job: a manifest's own folder plus only the photos its
+    rows reference (under TARGET/roots/<name>/), or a folder layout whole. Returns the roots to pass."""
+    from ..data.manifest import has_manifest, read_manifest, resolve, root_folders
+
+    data = Path(data)
+    shutil.copytree(data, target / "data")
+    if not has_manifest(data):
+        return {}
+    manifest = read_manifest(data)
+    folders = root_folders(manifest, roots)
+    staged: dict[str, Path] = {}
+    for entry in manifest.entries:
+        if entry.root == manifest.own_root:
+            continue  # in the manifest's own folder, copied above
+        source = resolve(entry, folders)
+        copy = target / "roots" / entry.root / entry.path
+        staged[entry.root] = target / "roots" / entry.root
+        if not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy)
+    return staged
+
+
 def train_in_pipeline(
     *,
     data: str,
@@ -75,16 +112,22 @@ def train_in_pipeline(
     image: str,
     namespace: str,
     data_pvc: str,
+    roots: Mapping[str, str | Path] | None = None,
     **hyper,
 ) -> dict:
-    """Train and return run.json's record (run id, model URI, best metrics)."""
+    """Train and return run.json's record (run id, model URI, best metrics). `roots`: where the photos
+    DATA's manifest references lie in this pod ({"cleaned": the cleaned artifact})."""
     if launcher not in LAUNCHERS:
         raise StepError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
     if launcher == "local":
         if nodes != 1:
             raise StepError("launcher 'local' trains on this machine only: use nodes=1, or launcher trainjob")
         _check_local_gpus(gpus_per_node)
-        args = train_arguments(data, out, **hyper) + ["--nproc-per-node", str(max(gpus_per_node, 1))]
+        args = (
+            train_arguments(data, out, **hyper)
+            + root_arguments(roots)
+            + ["--nproc-per-node", str(max(gpus_per_node, 1))]
+        )
         done = subprocess.run([sys.executable, "-m", "shopvision.cli", "train", *args])
         if done.returncode != 0:
             raise StepError(f"training failed (exit status {done.returncode}); see its output above")
@@ -98,6 +141,7 @@ def train_in_pipeline(
             image=image,
             namespace=namespace,
             data_pvc=data_pvc,
+            roots=roots,
             **hyper,
         )
     return json.loads((Path(out) / RUN_FILE).read_text())
@@ -126,6 +170,7 @@ def _train_on_cluster(
     image: str,
     namespace: str,
     data_pvc: str,
+    roots: Mapping[str, str | Path] | None = None,
     **hyper,
 ) -> None:
     from kubernetes import client
@@ -140,7 +185,7 @@ def _train_on_cluster(
         )
     job_name = f"shopvision-train-{uuid.uuid4().hex[:8]}"
     work = Path(SHARED_MOUNT) / job_name
-    shutil.copytree(data, work / "data")
+    staged = stage_data(data, work, roots)
     if launcher == "trainjob":  # the hardened runtime shipped in manifests/base/training-runtime.yaml
         builder = partial(
             trainjob_manifest, runtime="shopvision-torch-distributed", runtime_kind="TrainingRuntime"
@@ -152,6 +197,7 @@ def _train_on_cluster(
         namespace=namespace,
         image=image,
         train_args=train_arguments(str(work / "data"), str(work / "out"), **hyper)
+        + root_arguments(staged)
         + ["--nproc-per-node", str(gpus_per_node), "--workers", "4"],
         nodes=nodes,
         gpus_per_node=gpus_per_node,

@@ -1,10 +1,13 @@
 """The augment step: mirrored, rotated (cw / ccw) and grainy copies of the train photos.
 
 Offline augmentation as the source recipe did it; training adds random crops and flips online on
-top. Outputs are named <stem>.<operation>.jpg after their source. A balance copy (x.copy2.jpg) gets
-its own grain (seeded by its own name) but its mirror and rotations would be the same pixels as its
-source's, so they are hard links to those: class proportions set by balance are kept, bytes are not
-duplicated. Everything is seeded by (seed, output name): reruns are byte-identical.
+top. augment writes only the photos it makes, OUT/train/<category>/<stem>.<operation>.jpg, and a
+manifest that lists them (root "augmented": the manifest's own folder) beside the input's rows
+carried by reference (the cleaned photos are not copied). A photo balance repeats (`copies` k) gets
+one mirror and one of each rotation, repeated k times too (the same pixels, so one file), and its own
+grain per copy (`x.grain.jpg`, `x.copy1.grain.jpg`, ...: noise seeded by that name), so class
+proportions set by balance are kept. Everything is seeded by (seed, output name): reruns are
+byte-identical, and so are the files against the folder layout that augment wrote before manifests.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +26,23 @@ from PIL import Image, ImageOps
 
 from ..errors import StepError
 from ..progress import Progress
-from .balance import source_of_copy
-from .dataset import carry_split_manifest, category_photos, link_split, prepare_output
+from .dataset import prepare_output
 from .images import ImageDecodeError, decode_image, encode_jpeg
-from .naming import atomic_write_bytes, atomic_write_text, link_or_copy
+from .manifest import (
+    HASH_PREFIX,
+    Entry,
+    carried_roots,
+    copy_name,
+    has_manifest,
+    input_manifest,
+    resolve,
+    root_folders,
+    write_manifest,
+)
+from .naming import atomic_write_bytes, atomic_write_text
 
 MANIFEST = "augment.json"
+AUGMENTED_ROOT = "augmented"  # the root name of the photos augment makes: its own output folder
 OPERATIONS = ("mirror", "rot_cw", "rot_ccw", "grain")
 DETERMINISTIC = {"mirror", "rot_cw", "rot_ccw"}  # same source pixels → same output pixels
 
@@ -38,7 +53,7 @@ class AugmentResult:
     angle: float
     grain: float
     seed: int
-    categories: dict[str, dict] = field(default_factory=dict)  # category -> photos, created, linked
+    categories: dict[str, dict] = field(default_factory=dict)  # category -> photos, augmented, created
 
     def to_json(self) -> str:
         body = {
@@ -92,8 +107,9 @@ def augmented_name(source_name: str, operation: str) -> str:
     return f"{stem}.{operation}.{suffix}"
 
 
-def _augment_photo(job: tuple[str, str, list[str], float, float, int]) -> None:
-    source, category_out, operations, angle, grain, seed = job
+def _augment_photo(job: tuple[str, str, list[tuple[str, str]], float, float, int]) -> None:
+    """Decode one source photo and write each (operation, output name) of the job beside the others."""
+    source, category_out, outputs, angle, grain, seed = job
     source_path = Path(source)
     try:
         image = decode_image(source_path.read_bytes()).image
@@ -101,10 +117,23 @@ def _augment_photo(job: tuple[str, str, list[str], float, float, int]) -> None:
         raise StepError(
             f"cannot augment {source}: {exc} (run 'shopvision clean' on raw photos first)"
         ) from None
-    for operation in operations:
-        name = augmented_name(source_path.name, operation)
+    for operation, name in outputs:
         result = apply_operation(image, operation, angle, grain, f"{seed}\0{Path(category_out).name}/{name}")
         atomic_write_bytes(Path(category_out) / name, encode_jpeg(result))
+
+
+def photo_outputs(name: str, copies: int, operations: list[str]) -> list[tuple[str, str, int]]:
+    """(operation, output name, copies) of a photo that balance repeats COPIES times: one file per
+    deterministic operation standing for every copy, one grain per copy (the names the copies of the
+    folder layout had, so the noise is the same)."""
+    outputs = []
+    for operation in operations:
+        if operation in DETERMINISTIC:
+            outputs.append((operation, augmented_name(name, operation), copies))
+        else:
+            names = [name] + [copy_name(name, k) for k in range(1, copies)]
+            outputs += [(operation, augmented_name(n, operation), 1) for n in names]
+    return outputs
 
 
 def augment(
@@ -116,7 +145,11 @@ def augment(
     grain: float = 0.06,
     seed: int = 0,
     workers: int | None = None,
+    roots: Mapping[str, Path | str] | None = None,
 ) -> AugmentResult:
+    """Write the new photos to OUT/train/<category>/ and OUT/manifest.jsonl.gz (the input's rows by
+    reference, plus the new photos). BALANCED_DIR is balance's or split's output, or a folder layout;
+    `roots` says where the photos its manifest references lie (default: where they were written)."""
     balanced_dir, out = Path(balanced_dir), Path(out)
     operations = list(dict.fromkeys(operations))
     unknown = [op for op in operations if op not in OPERATIONS]
@@ -126,35 +159,50 @@ def augment(
         raise StepError(f"--angle must be in (0, 45] degrees, got {angle}")
     if not 0 < grain <= 1:
         raise StepError(f"--grain must be in (0, 1], got {grain}")
-    train = category_photos(balanced_dir / "train") if (balanced_dir / "train").is_dir() else {}
-    if not any(train.values()):
-        raise StepError(f"no train photos in {balanced_dir}/train/<category>/: run 'shopvision split' first")
+    missing = f"no train photos in {balanced_dir}/train/<category>/: run 'shopvision split' first"
+    if not has_manifest(balanced_dir) and not (balanced_dir / "train").is_dir():
+        raise StepError(missing)
+    source = input_manifest(balanced_dir)
+    if AUGMENTED_ROOT in {e.root for e in source.entries}:
+        raise StepError(f"{balanced_dir} is augment's output already: augment balance's or split's output")
+    train = sorted((e for e in source.entries if e.split == "train"), key=lambda e: (e.category, e.file))
+    if not train:
+        raise StepError(missing)
+    folders = root_folders(source, roots)
     prepare_output(out, MANIFEST, "augment")
     result = AugmentResult(operations, angle, grain, seed)
 
-    jobs, links = [], []
-    for category, files in train.items():
-        category_out = out / "train" / category
-        names = {p.name for p in files}
-        for path in files:
-            link_or_copy(path, category_out / path.name)
-            original = source_of_copy(path.name)
-            if original in names:
-                # A balance copy: link the deterministic outputs of its source, make its own grain.
-                for op in operations:
-                    if op in DETERMINISTIC:
-                        links.append(
-                            (
-                                category_out / augmented_name(original, op),
-                                category_out / augmented_name(path.name, op),
-                            )
-                        )
-                own = [op for op in operations if op not in DETERMINISTIC]
-            else:
-                own = operations
-            if own:
-                jobs.append((str(path), str(category_out), own, angle, grain, seed))
-        result.categories[category] = {"photos": len(files), "augmented": len(files) * len(operations)}
+    jobs, made = [], []
+    for entry in train:
+        category_out = out / "train" / entry.category
+        outputs = photo_outputs(Path(entry.path).name, entry.copies, operations)
+        if outputs:
+            jobs.append(
+                (
+                    str(resolve(entry, folders)),
+                    str(category_out),
+                    [(op, n) for op, n, _ in outputs],
+                    angle,
+                    grain,
+                    seed,
+                )
+            )
+        made += [
+            Entry(
+                AUGMENTED_ROOT,
+                f"train/{entry.category}/{n}",
+                entry.category,
+                "train",
+                entry.group,
+                k,
+                entry.product_id,
+            )
+            for _, n, k in outputs
+        ]
+        row = result.categories.setdefault(entry.category, {"photos": 0, "augmented": 0, "created": 0})
+        row["photos"] += entry.copies
+        row["augmented"] += entry.copies * len(operations)
+        row["created"] += len(outputs)
 
     progress = Progress(len(jobs), "augment")
     workers = workers or os.cpu_count() or 1
@@ -167,11 +215,16 @@ def augment(
             for _ in pool.map(_augment_photo, jobs, chunksize=max(1, math.ceil(len(jobs) / (workers * 8)))):
                 progress.advance()
     progress.close()
-    for source, target in links:
-        link_or_copy(source, target)
-    for split_name in ("val", "test"):
-        link_split(balanced_dir, out, split_name)
-    carry_split_manifest(Path(balanced_dir), out)
+    carried = [replace(e, sha256=e.sha256[:HASH_PREFIX]) for e in source.entries]
+    roots_here = carried_roots(source, {name: folders[name] for name in folders})
+    used = {e.root for e in carried}
+    write_manifest(
+        out,
+        "augment",
+        carried + made,
+        {**{n: f for n, f in roots_here.items() if n in used}, AUGMENTED_ROOT: out},
+        own_root=AUGMENTED_ROOT,
+    )
     atomic_write_text(out / MANIFEST, result.to_json())
     return result
 

@@ -1,10 +1,11 @@
-"""The on-disk layout shared by the data steps: <root>/<split>/<category>/<photo>.jpg.
+"""The folder layout shared by the data steps: <root>/<split>/<category>/<photo>.jpg.
 
-Training, evaluation and the registry read folders in this layout too, through `category_photos`
-and `SPLITS` from here.
+clean writes <root>/<category>/<photo>.jpg; split, balance and augment write a manifest that
+references those photos instead of folders of links (`manifest.py`), and every reader still accepts
+this layout for a user's own data, through `category_photos` and `SPLITS` from here.
 
-Each data step reads one such folder and writes a new one (a KFP artifact), linking photos it does
-not change, and leaves a JSON record of what it did at the top of its output.
+Each data step writes a new folder (a KFP artifact) and leaves a JSON record of what it did at the
+top of its output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 
 from ..errors import StepError
 from ..step_output import prepare_out
-from .naming import link_or_copy
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -46,25 +46,3 @@ def _remove_tree(path: Path) -> None:
 
     if path.exists():
         shutil.rmtree(path)
-
-
-SPLIT_MANIFEST = "split.json"  # written by split; carried by balance and augment for train and promote
-
-
-def carry_split_manifest(source_root: Path, out: Path) -> None:
-    """Bring split's per-photo record (groups, content hashes) along into a later step's output."""
-    if (source_root / SPLIT_MANIFEST).is_file():
-        link_or_copy(source_root / SPLIT_MANIFEST, out / SPLIT_MANIFEST)
-
-
-def link_split(source_root: Path, out: Path, split: str) -> int:
-    """Carry a split a step does not change into its output by hard links; returns the photo count."""
-    count = 0
-    source = source_root / split
-    if not source.is_dir():
-        return 0
-    for category, files in category_photos(source).items():
-        for path in files:
-            link_or_copy(path, out / split / category / path.name)
-            count += 1
-    return count

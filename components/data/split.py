@@ -20,23 +20,35 @@ none of whose groups hashed to train has its first-ranked group sent to train (a
 a category it never sees). Photos of the frozen evaluation set (content hashes from the registry) and
 their whole groups always go to test, whatever the hash says.
 
-Every photo's content hash (the raw file's SHA-256 from clean's report) and group are written to
-`split.json`; `read_split_photos` gives them to the steps that check overlaps (train, promote).
+Split copies no photo: it writes a manifest (`manifest.py`), one row per photo with its reference
+into the cleaned folder (root "cleaned"), category, split, group, product id and content hash (the
+raw file's SHA-256 from clean's report), and `split.json`, the record of the run (fractions, counts,
+groups, warnings). `read_split_photos` gives the hashes to the steps that check overlaps (train,
+promote).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StepError
 from .dataset import SPLITS, category_photos, prepare_output
-from .naming import atomic_write_text, link_or_copy, product_id
+from .manifest import (
+    DERIVED_NAME,
+    HASH_PREFIX,
+    MANIFEST_FILE,
+    Entry,
+    file_sha256,
+    has_manifest,
+    read_manifest,
+    write_manifest,
+)
+from .naming import atomic_write_text, product_id
 from .near_duplicates import UnionFind
 
 MANIFEST = "split.json"
@@ -44,8 +56,7 @@ CLEAN_REPORT = "clean_report.json"
 DEFAULT_SIMILARITY = 0.82
 DEFAULT_MAX_GROUP_SHARE = 0.5
 LOOKALIKE_MODES = ("embedding", "none")
-# Names balance (`x.copy2.jpg`) and augment (`x.mirror.jpg`, `x.copy2.grain.jpg`) give their outputs.
-_DERIVED = re.compile(r"\.(copy\d+|mirror|rot_cw|rot_ccw|grain)\.[^.]+$")
+CLEANED_ROOT = "cleaned"  # the root name split's manifest rows refer to
 
 
 @dataclass
@@ -58,8 +69,14 @@ class SplitPhoto:
     split: str = ""
 
     def path(self, root: Path) -> Path:
-        """Where the photo lies under a split root written by `split` (or carried by balance/augment)."""
+        """Where the photo lies under a split root in the folder layout (split's output before manifests)."""
         return Path(root) / self.split / self.file
+
+    def entry(self) -> Entry:
+        """Its row in split's manifest: a reference into the cleaned folder, not a copy."""
+        return Entry(
+            CLEANED_ROOT, self.file, self.category, self.split, self.group, 1, self.product_id, self.sha256
+        )
 
 
 @dataclass
@@ -100,21 +117,13 @@ class SplitResult:
             "groups": self.groups_summary(),
             "frozen": self.frozen,
             "warnings": self.warnings,
-            "assignments": self.assignments,
-            "photos": [asdict(p) for p in self.photos],
+            "photo_count": len(self.photos),
+            "manifest": MANIFEST_FILE,  # each photo's split, group and hash: one row each, gzipped
         }
         return json.dumps(body, indent=1) + "\n"
 
 
 # ------------------------------------------------------------------------------------ reading
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _clean_records(clean_dir: Path) -> dict[str, dict]:
@@ -153,23 +162,31 @@ def cleaned_photos(clean_dir: Path) -> list[SplitPhoto]:
 
 
 def read_split_photos(root: Path, splits: Iterable[str] = SPLITS) -> list[SplitPhoto]:
-    """The photos of the given splits under ROOT, with content hashes and groups.
+    """The original photos of the given splits under ROOT, with content hashes and groups.
 
-    ROOT is a folder written by split (or balance/augment, which carry its `split.json`): the
-    manifest names every original photo. Without a manifest, ROOT/<split>/<category>/ files are
-    hashed as they are (and a ROOT that is itself a `<category>/` folder counts as the test split);
-    balance and augment copies are not originals and are skipped.
+    ROOT is a step's output with a manifest (split, balance, augment: rows with a content hash are
+    originals; balance's copies are a count and augment's new photos have no hash), or a folder
+    layout: with a split.json that lists photos (split's output before manifests) those photos, else
+    ROOT/<split>/<category>/ files hashed as they are (a ROOT that is itself a `<category>/` folder
+    counts as the test split; balance copies and augment outputs are not originals and are skipped).
+    No photo is opened for a manifest: the hashes are in it.
     """
     root = Path(root)
     wanted = set(splits)
+    if has_manifest(root):
+        return [
+            SplitPhoto(e.file, e.category, e.product_id, e.sha256, e.group, e.split)
+            for e in read_manifest(root).entries
+            if e.split in wanted and e.sha256
+        ]
     manifest = root / MANIFEST
     if manifest.is_file():
         try:
             body = json.loads(manifest.read_text())
             entries = body["photos"]
+            return [SplitPhoto(**entry) for entry in entries if entry["split"] in wanted]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StepError(f"{manifest} is not a split manifest with photos: {exc}") from None
-        return [SplitPhoto(**entry) for entry in entries if entry["split"] in wanted]
     subfolders = (
         {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         if root.is_dir()
@@ -184,7 +201,7 @@ def read_split_photos(root: Path, splits: Iterable[str] = SPLITS) -> list[SplitP
             continue
         for category, files in category_photos(folder).items():
             for path in files:
-                if _DERIVED.search(path.name):  # balance copies and augment outputs are not originals
+                if DERIVED_NAME.search(path.name):  # balance copies and augment outputs are not originals
                     continue
                 photos.append(
                     SplitPhoto(
@@ -199,7 +216,7 @@ def read_split_photos(root: Path, splits: Iterable[str] = SPLITS) -> list[SplitP
     return photos
 
 
-HASH_PREFIX = 16  # hex characters of a content hash kept in a run's training photo list (64 bits)
+# HASH_PREFIX (16): hex characters of a content hash kept in a run's training photo list (64 bits)
 
 
 def write_hash_prefixes(root: Path, splits: Iterable[str], target: Path) -> int:
@@ -370,8 +387,7 @@ def split(
             f"group would hold more than {max_group_share:.0%} of its category (its look-alikes may straddle "
             f"splits): {shown}"
         )
-    for photo in result.photos:
-        link_or_copy(clean_dir / photo.file, photo.path(out))
+    write_manifest(out, "split", [p.entry() for p in result.photos], {CLEANED_ROOT: clean_dir})
     atomic_write_text(out / MANIFEST, result.to_json())
     return result
 

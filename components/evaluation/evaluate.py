@@ -12,6 +12,10 @@
 
 `compute_metrics` turns predictions into the metrics dictionary without touching a file, so it can
 be checked on hand-made predictions; `evaluate` adds the reading, writing and MLflow logging.
+
+The test photos are the test rows of a data step's manifest (split's output: references into the
+cleaned photos), SPLIT/test of one, the test/ folder of a split root in the folder layout, or a
+folder of <category>/ sub-folders; `photo_sets.labelled_split` reads any of them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.dataset import SPLITS
+from ..data.manifest import Photo, locate, photos_fingerprint
 from ..data.naming import atomic_write_text, link_or_copy, product_id
 from ..errors import StepError
 from ..step_output import csv_text, prepare_out
@@ -41,8 +45,12 @@ from .outputs import (
     MODEL_DIR,
     PREDICTIONS_FILE,
 )
+from .photo_sets import find_test_dir as find_test_dir  # re-exported: promote and the tests use it here
+from .photo_sets import labelled_photos as labelled_photos
+from .photo_sets import labelled_split as labelled_split
+from .photo_sets import validation_photos
 from .plots import plot_confusion_matrix, plot_coverage
-from .predict import PhotoPrediction, UnreadablePhoto, collect_files, pick_device, predict_files
+from .predict import PhotoPrediction, UnreadablePhoto, pick_device, predict_files
 
 THRESHOLD_KEY = "confidence_threshold"  # spec.extra key, metrics.json key, run tag, model version tag
 DEFAULT_TARGET_ACCURACY = 0.95
@@ -64,36 +72,6 @@ class EvaluationResult:
     @property
     def confidence_threshold(self) -> float | None:
         return self.metrics[THRESHOLD_KEY]
-
-
-def find_test_dir(data: Path) -> Path:
-    """TEST_DIR itself (category sub-folders), or the `test/` folder of a split root.
-
-    A folder whose only sub-folders are split names (train, val, test) is a split root.
-    """
-    data = Path(data)
-    if not data.is_dir():
-        raise StepError(f"test data {data} does not exist or is not a folder")
-    subfolders = {p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    if subfolders and subfolders <= set(SPLITS):
-        if "test" not in subfolders:
-            raise StepError(f"{data} is a split folder without a test/ split")
-        return data / "test"
-    if not subfolders:
-        raise StepError(f"{data} has no category sub-folders (expected {data}/<category>/<photo>)")
-    return data
-
-
-def labelled_photos(test_dir: Path) -> tuple[list[Path], list[str]]:
-    """Every non-hidden file under each category folder, with its category, sorted."""
-    files, categories = [], []
-    for category_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found = collect_files([category_dir])
-        files.extend(found)
-        categories.extend([category_dir.name] * len(found))
-    if not files:
-        raise StepError(f"no photos under {test_dir}/<category>/")
-    return files, categories
 
 
 def read_taxonomy(path: Path) -> dict[str, str]:
@@ -227,11 +205,13 @@ def evaluate(
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     tta: str | None = None,
+    roots: Mapping[str, Path] | None = None,
 ) -> EvaluationResult:
-    """Predict every photo of the test folder, write the results to OUT, log them to RUN_ID if given.
+    """Predict every test photo of DATA, write the results to OUT, log them to RUN_ID if given.
 
-    The confidence threshold is chosen on the validation photos (`threshold_data`, or the `val/`
-    folder of a split root) and only reported on test; without them no threshold is chosen.
+    The confidence threshold is chosen on the validation photos (`threshold_data`, or the val split
+    beside the test photos) and only reported on test; without them no threshold is chosen. `roots`
+    says where the photos a manifest references lie here (default: where they were written).
     `tta` ("flip" or "none"; None keeps the model's own) is evaluated, thresholded and written into
     the model copy's spec, so the server answers with the same passes the threshold was chosen on.
     """
@@ -250,9 +230,9 @@ def evaluate(
     if not 0.0 < target_accuracy <= 1.0:
         raise StepError(f"--target-accuracy must be in (0, 1], got {target_accuracy}")
     out = Path(out)
-    test_dir = find_test_dir(Path(data))
-    val_dir = Path(threshold_data) if threshold_data else _val_dir_beside(test_dir)
-    files, categories = labelled_photos(test_dir)
+    photos, test_where = labelled_split(Path(data), "test", roots)
+    val_photos = validation_photos(Path(data), threshold_data, roots)
+    files, categories = [p.path for p in photos], [p.category for p in photos]
     mapping = read_taxonomy(taxonomy) if taxonomy else None
     model_dir = resolve_model_dir(model)
     target = pick_device(device)
@@ -272,10 +252,11 @@ def evaluate(
     prepare_out(out, METRICS_FILE, "evaluate")  # new, empty, or an earlier evaluation
     predicted = predict_files(network, spec, files, top_k=TOP_K, batch_size=batch_size, progress=progress)
     category_of = dict(zip(files, categories, strict=True))
+    name_of = {p.path: p.name for p in photos}
     true_categories = [category_of[p.path] for p in predicted.predictions]
 
     choice = choose_threshold(
-        network, spec, val_dir, target_accuracy, batch_size=batch_size, progress=progress
+        network, spec, val_photos, target_accuracy, batch_size=batch_size, progress=progress
     )
     metrics, matrix, classes, curve = compute_metrics(
         spec.labels,
@@ -289,18 +270,19 @@ def evaluate(
     metrics["counts"]["files"] = len(files)
     metrics["counts"]["unreadable"] = len(predicted.unreadable)
     metrics["unreadable"] = [
-        {"file": u.path.relative_to(test_dir).as_posix(), "reason": u.reason, "detail": u.detail}
-        for u in predicted.unreadable
+        {"file": name_of[u.path], "reason": u.reason, "detail": u.detail} for u in predicted.unreadable
     ]
     metrics["model"] = str(model)
     metrics["arch"] = spec.arch
     metrics["test_time_augmentation"] = spec.extra.get(TTA_KEY) or "none"
-    metrics["test_dir"] = str(test_dir)
-    metrics["test_data_fingerprint"] = data_fingerprint(test_dir)
+    metrics["test_dir"] = test_where
+    metrics["test_data_fingerprint"] = (
+        data_fingerprint(Path(test_where)) if locate(Path(data)) is None else photos_fingerprint(photos)
+    )
     if mapping is not None:
         metrics["taxonomy"] = str(taxonomy)
 
-    _write_predictions(out / PREDICTIONS_FILE, test_dir, true_categories, predicted.predictions)
+    _write_predictions(out / PREDICTIONS_FILE, name_of, true_categories, predicted.predictions)
     _write_confusions(out / CONFUSIONS_FILE, m.top_confusions(matrix, classes, limit=None))
     _write_coverage(out / COVERAGE_FILE, curve)
     plot_confusion_matrix(matrix, classes, out / CONFUSION_PNG)
@@ -325,22 +307,17 @@ def evaluate(
     write_baseline(out / BASELINE_FILE, baseline)
     link_or_copy(out / BASELINE_FILE, out / MODEL_DIR / BASELINE_FILE)
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=1) + "\n")
-    write_evaluation_report(out, test_dir)  # report.html, logged to the run below with the rest of OUT
+    write_evaluation_report(
+        out, {p.name: p.path for p in photos}
+    )  # report.html, logged to the run below with the rest of OUT
 
     if run_id:
         log_to_run(run_id, out, metrics, tracking_uri)
     return EvaluationResult(out, metrics, out / MODEL_DIR, list(predicted.unreadable), run_id)
 
 
-def _val_dir_beside(test_dir: Path) -> Path | None:
-    """The `val/` folder of the split root a test folder belongs to, if it has one."""
-    if test_dir.name == "test" and (test_dir.parent / "val").is_dir():
-        return test_dir.parent / "val"
-    return None
-
-
 def choose_threshold(
-    network, spec, val_dir: Path | None, target_accuracy: float, *, batch_size: int = 64, progress=None
+    network, spec, val: list[Photo] | None, target_accuracy: float, *, batch_size: int = 64, progress=None
 ) -> dict:
     """The lowest confidence threshold whose validation photos reach the target accuracy.
 
@@ -350,16 +327,13 @@ def choose_threshold(
     warning says why.
     """
     choice: dict = {"photos": "val", "threshold": None, "warning": None}
-    if val_dir is None or not val_dir.is_dir():
+    if val is None:
         choice["warning"] = (
             "no validation photos: no confidence threshold chosen (the server default "
             f"{DEFAULT_CONFIDENCE_THRESHOLD} applies)"
         )
         return choice
-    try:
-        files, categories = labelled_photos(val_dir)
-    except StepError:
-        files, categories = [], []
+    files, categories = [p.path for p in val], [p.category for p in val]
     predicted = predict_files(network, spec, files, top_k=1, batch_size=batch_size, progress=progress)
     category_of = dict(zip(files, categories, strict=True))
     correct = [p.labels[0] == category_of[p.path] for p in predicted.predictions]
@@ -388,7 +362,7 @@ def choose_threshold(
     return choice
 
 
-def _write_predictions(target, test_dir, true_categories, predictions) -> None:
+def _write_predictions(target, name_of: Mapping[Path, str], true_categories, predictions) -> None:
     k = len(predictions[0].indices) if predictions else TOP_K
     header = ["true_category", "product_id", "file", "correct"]
     header += [f"{kind}_{r}" for r in range(1, k + 1) for kind in ("predicted", "probability")]
@@ -397,7 +371,7 @@ def _write_predictions(target, test_dir, true_categories, predictions) -> None:
         row = [
             true,
             product_id(p.path.name),
-            p.path.relative_to(test_dir).as_posix(),
+            name_of[p.path],
             int(p.labels[0] == true),
         ]
         for label, prob in zip(p.labels, p.probabilities, strict=True):

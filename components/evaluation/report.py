@@ -72,13 +72,16 @@ def read_coverage(path: Path) -> list[tuple[float, float, float | None]]:
         ]
 
 
-def write_evaluation_report(out: Path, test_dir: Path) -> Path:
-    """OUT/report.html from the files evaluate wrote to OUT and the photos of TEST_DIR; returns its path."""
+def write_evaluation_report(out: Path, test_dir: Path | Mapping[str, Path]) -> Path:
+    """OUT/report.html from the files evaluate wrote to OUT and the test photos; returns its path.
+
+    TEST_DIR is the folder the predictions' file names are relative to, or {file name: photo} for
+    photos that lie elsewhere (a manifest's references)."""
     out = Path(out)
     metrics = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
     photos = read_predictions(out / PREDICTIONS_FILE)
     curve = read_coverage(out / COVERAGE_FILE)
-    thumbs = _Thumbnails(Path(test_dir))
+    thumbs = _Thumbnails(test_dir if isinstance(test_dir, Mapping) else Path(test_dir))
     html = render_evaluation_report(metrics, photos, curve, figure_uri(out / CONFUSION_PNG), thumbs)
     atomic_write_text(out / REPORT_FILE, html)
     return out / REPORT_FILE
@@ -87,12 +90,16 @@ def write_evaluation_report(out: Path, test_dir: Path) -> Path:
 class _Thumbnails:
     """Thumbnails of test photos, each made once however many sections show it."""
 
-    def __init__(self, test_dir: Path) -> None:
+    def __init__(self, test_dir: Path | Mapping[str, Path]) -> None:
         self.test_dir, self.made = test_dir, {}
 
     def __call__(self, file: str) -> str | None:
         if file not in self.made:
-            self.made[file] = thumbnail_uri(self.test_dir / file)
+            if isinstance(self.test_dir, Mapping):
+                path = self.test_dir.get(file)
+                self.made[file] = thumbnail_uri(path) if path is not None else None
+            else:
+                self.made[file] = thumbnail_uri(self.test_dir / file)
         return self.made[file]
 
 

@@ -241,16 +241,22 @@ class DataPhotos:
     test_hashes: list[str]  # the data's own test split, sorted
 
 
-def data_photos(data: Path) -> DataPhotos:
-    """Read a split root (with or without split.json), its test/ folder, or a plain <category>/ folder.
+def data_photos(data: Path, roots: Mapping[str, Path] | None = None) -> DataPhotos:
+    """Read split's output (a manifest), a split root in the folder layout (with or without
+    split.json), its test/ folder, or a plain <category>/ folder.
 
-    Given the test/ folder of a split root that has a split.json, the root's manifest is read: its
-    hashes are the raw photos', which a cleaned file's own hash would not match.
+    Given the test/ folder of a split root that has a split.json (or SPLIT/test of a manifest), the
+    root's record is read: its hashes are the raw photos', which a cleaned file's own hash would not
+    match. `roots` says where the photos a manifest references lie here.
     """
     from ..data.dataset import SPLITS
+    from ..data.manifest import locate
     from ..data.split import MANIFEST, read_split_photos
 
     data = Path(data)
+    found = locate(data)
+    if found is not None:
+        return _manifest_photos(found[0], roots)
     if not data.is_dir():
         raise StepError(f"test data {data} does not exist or is not a folder")
     root = data
@@ -271,6 +277,32 @@ def data_photos(data: Path) -> DataPhotos:
     if not by_hash:
         raise StepError(f"no photos found in {data}")
     return DataPhotos(root, by_hash, sorted(test))
+
+
+def _manifest_photos(folder: Path, roots: Mapping[str, Path] | None) -> DataPhotos:
+    """DataPhotos of a manifest: its originals by full content hash (test rows first)."""
+    from ..data.manifest import read_manifest, resolve, root_folders
+
+    manifest = read_manifest(folder)
+    originals = [e for e in manifest.entries if e.sha256]
+    if any(len(e.sha256) != 64 for e in originals):
+        raise StepError(
+            f"the manifest in {folder} ({manifest.step}'s output) holds hash prefixes, not the full content "
+            "hashes the frozen evaluation set is matched on: give split's output"
+        )
+    folders = root_folders(manifest, roots)
+    by_hash: dict[str, EvaluationPhoto] = {}
+    test: set[str] = set()
+    for entry in sorted(originals, key=lambda e: (e.split != "test", e.split, e.file)):
+        path = resolve(entry, folders)
+        if entry.sha256 in by_hash or not path.is_file():
+            continue
+        by_hash[entry.sha256] = EvaluationPhoto(entry.sha256, entry.category, path)
+        if entry.split == "test":
+            test.add(entry.sha256)
+    if not by_hash:
+        raise StepError(f"no photos found in the manifest in {folder}")
+    return DataPhotos(folder, by_hash, sorted(test))
 
 
 @dataclass

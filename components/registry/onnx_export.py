@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,25 +87,28 @@ class OnnxExport:
 # ------------------------------------------------------------------------------------------ photos
 
 
-def photo_folders(photos: Path) -> tuple[Path, Path]:
-    """(test folder, calibration folder) of a split root (test/ and val/), or the folder itself for both."""
-    from ..evaluation.evaluate import find_test_dir
+def photo_folders(photos: Path, roots: Mapping[str, Path] | None = None) -> tuple[list, list]:
+    """(test photos, calibration photos): a split output's test and val (a manifest, or test/ and
+    val/ of the folder layout), or the photos of one <category>/ folder for both."""
+    from ..evaluation.photo_sets import labelled_split, validation_photos
 
-    test_dir = find_test_dir(Path(photos))
-    val_dir = test_dir.parent / "val"
-    return test_dir, val_dir if test_dir.name == "test" and val_dir.is_dir() else test_dir
+    test, _ = labelled_split(Path(photos), "test", roots)
+    val = validation_photos(Path(photos), None, roots)
+    return test, val or test
 
 
-def load_photos(folder: Path, spec, limit: int) -> tuple[np.ndarray, list[str]]:
-    """Up to `limit` readable photos of `folder`/<category>/, spread over the categories, preprocessed
-    by the model's own eval transform: (N×3×S×S float32, categories)."""
+def load_photos(photos, spec, limit: int) -> tuple[np.ndarray, list[str]]:
+    """Up to `limit` readable photos (a <category>/ folder, or `Photo`s), spread over the categories,
+    preprocessed by the model's own eval transform: (N×3×S×S float32, categories)."""
     import torch
 
     from ..data.images import ImageDecodeError, decode_image
-    from ..evaluation.evaluate import labelled_photos
+    from ..evaluation.photo_sets import labelled_split
     from ..training.models import eval_transform
 
-    files, categories = labelled_photos(folder)
+    folder = photos if isinstance(photos, str | Path) else None
+    chosen = labelled_split(Path(folder), "val")[0] if folder is not None else list(photos)
+    files, categories = [p.path for p in chosen], [p.category for p in chosen]
     step = max(1, len(files) // limit)
     transform = eval_transform(spec)
     tensors, kept = [], []
@@ -115,7 +119,9 @@ def load_photos(folder: Path, spec, limit: int) -> tuple[np.ndarray, list[str]]:
             continue
         kept.append(category)
     if not tensors:
-        raise StepError(f"no readable photos under {folder}/<category>/ to check the ONNX export on")
+        raise StepError(
+            f"no readable photos under {folder or 'the data'}/<category>/ to check the ONNX export on"
+        )
     return torch.stack(tensors).numpy(), kept
 
 
@@ -277,17 +283,22 @@ def judge_int8(fp32: Path, int8: Path, pixels: np.ndarray, categories: list[str]
 # ------------------------------------------------------------------------------------------ driver
 
 
-def export_onnx(model_dir: Path, photos: Path, *, quantize: str | None = None) -> OnnxExport:
+def export_onnx(
+    model_dir: Path, photos: Path, *, quantize: str | None = None, roots: Mapping[str, Path] | None = None
+) -> OnnxExport:
     """Write model.onnx (and model.int8.onnx) beside the model in `model_dir`, checked on `photos`
-    (a split root: checked and judged on test/, calibrated on val/; or one folder of categories)."""
+    (split's output: checked and judged on test, calibrated on val; or one folder of categories);
+    `roots` says where the photos a manifest references lie here."""
     from ..training.models import load_classifier
 
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise StepError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE_CHOICES)}")
     model_dir = Path(model_dir)
     network, spec = load_classifier(model_dir, "cpu")
-    test_dir, calibration_dir = photo_folders(photos)
-    pixels, categories = load_photos(test_dir, spec, max(CHECK_PHOTOS, INT8_TEST_PHOTOS if quantize else 0))
+    test_photos, calibration_photos = photo_folders(photos, roots)
+    pixels, categories = load_photos(
+        test_photos, spec, max(CHECK_PHOTOS, INT8_TEST_PHOTOS if quantize else 0)
+    )
     fp32 = model_dir / ONNX_NAME
     write_onnx(network, spec, fp32)
     k = min(TOP_K, spec.num_classes)
@@ -298,14 +309,15 @@ def export_onnx(model_dir: Path, photos: Path, *, quantize: str | None = None) -
         raise
     result = OnnxExport(model_dir, check, files=[ONNX_NAME])
     if quantize == "int8":
+        calibrated_on = "val" if calibration_photos is not test_photos else "test"
         calibration, _ = (
-            load_photos(calibration_dir, spec, CALIBRATION_PHOTOS)
-            if calibration_dir != test_dir
+            load_photos(calibration_photos, spec, CALIBRATION_PHOTOS)
+            if calibrated_on == "val"
             else (pixels[:CALIBRATION_PHOTOS], None)
         )
         quantize_int8(fp32, model_dir / INT8_NAME, calibration)
         result.int8 = judge_int8(fp32, model_dir / INT8_NAME, pixels, categories, spec.labels)
-        result.int8 |= {"calibration_photos": len(calibration), "calibrated_on": calibration_dir.name}
+        result.int8 |= {"calibration_photos": len(calibration), "calibrated_on": calibrated_on}
         result.files.append(INT8_NAME)
     (model_dir / CHECK_NAME).write_text(json.dumps({"onnx": check, "int8": result.int8}, indent=2) + "\n")
     result.files.append(CHECK_NAME)
@@ -313,7 +325,12 @@ def export_onnx(model_dir: Path, photos: Path, *, quantize: str | None = None) -
 
 
 def attach_to_logged_model(
-    client, source: str, model_id: str | None, photos: Path, quantize: str | None
+    client,
+    source: str,
+    model_id: str | None,
+    photos: Path,
+    quantize: str | None,
+    roots: Mapping[str, Path] | None = None,
 ) -> OnnxExport:
     """Export the logged model `source` (models:/m-...) and upload the files beside its spec, so a
     download of any version registered from it holds them."""
@@ -327,7 +344,7 @@ def attach_to_logged_model(
     if not found:
         raise StepError(f"{source} holds no shopvision model ({SPEC_NAME} + {WEIGHTS_NAME})")
     model_dir = found[0]  # the folder serving's download resolves to (model_source._download)
-    result = export_onnx(model_dir, photos, quantize=quantize)
+    result = export_onnx(model_dir, photos, quantize=quantize, roots=roots)
     with tempfile.TemporaryDirectory(prefix="shopvision-onnx-") as tmp:
         for name in result.files:
             shutil.copy2(model_dir / name, Path(tmp) / name)

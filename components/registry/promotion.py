@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import datetime
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,10 +171,13 @@ def promote(
     require_shadow_agreement: float | None = None,
     shadow_url: str | None = None,
     shadow_min_photos: int = 100,
+    roots: Mapping[str, Path] | None = None,
 ) -> PromotionDecision:
     """Score the candidate and the current @champion on the frozen evaluation set and apply the gate.
 
-    `data` is the split root (train/ val/ test/ and split.json), or a plain <category>/ test folder.
+    `data` is split's output (a manifest; `roots` says where its photos lie here, default: where
+    they were written), a split root in the folder layout (train/ val/ test/ and split.json), or a
+    plain <category>/ test folder.
     """
     if min_gain < 0:
         raise StepError(f"--min-gain must be >= 0, got {min_gain}")
@@ -194,8 +197,8 @@ def promote(
     client, uri = connect(tracking_uri)
     version = str(version)
     candidate_run = _run_id(model_version(client, name, version))
-    photos = data_photos(Path(data))
-    fingerprint = _folder_fingerprint(photos.root)
+    photos = data_photos(Path(data), roots)
+    fingerprint = _folder_fingerprint(photos.root, roots)
     scores: dict[tuple[str, str], tuple[Score, int]] = {}
 
     def score(v: str, pool: list[EvaluationPhoto]) -> tuple[Score, int]:
@@ -317,10 +320,14 @@ def _run_id(model_version) -> str | None:
     return (model_version.tags or {}).get("source_run_id") or model_version.run_id or None
 
 
-def _folder_fingerprint(root: Path) -> str | None:
+def _folder_fingerprint(root: Path, roots: Mapping[str, Path] | None = None) -> str | None:
+    """The test photos' fingerprint, as evaluate records it (a manifest's test rows, or the test folder)."""
     from ..data.fingerprint import data_fingerprint
+    from ..data.manifest import has_manifest, photos_fingerprint, split_photos
 
     try:
+        if has_manifest(root):
+            return photos_fingerprint(split_photos(root, "test", roots)) or None
         return data_fingerprint(find_test_dir(root))
     except StepError:
         return None

@@ -252,12 +252,13 @@ def register(
     tracking_uri: str | None = None,
     onnx_photos: Path | None = None,
     quantize: str | None = None,
+    roots: Mapping[str, Path] | None = None,
 ) -> RegisterResult:
     """A new version of registered model NAME from the model logged by RUN_ID, with its tags.
 
     With `onnx_photos` the logged model also gets model.onnx (and with `quantize="int8"`
     model.int8.onnx), checked on those photos before the version exists (onnx_export.py): a failed
-    check registers nothing."""
+    check registers nothing. `roots` says where the photos of a manifest in `onnx_photos` lie here."""
     from mlflow.exceptions import MlflowException
 
     client, _ = connect(tracking_uri)
@@ -273,7 +274,7 @@ def register(
     if onnx_photos is not None:
         from .onnx_export import attach_to_logged_model
 
-        exported = attach_to_logged_model(client, source, model_id, Path(onnx_photos), quantize)
+        exported = attach_to_logged_model(client, source, model_id, Path(onnx_photos), quantize, roots)
         tags.update(exported.tags())
     elif quantize is not None:
         raise StepError("--quantize needs --onnx-photos: int8 is calibrated and judged on photos")

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -164,25 +164,45 @@ class FeaturesResult:
     seconds: float = 0.0
 
 
-def catalogue_photos(data: Path) -> list[tuple[Path, str]]:
-    """(photo, category) for DATA/<category>/<photo>, or for every split of a split folder
-    (DATA/{train,val,test}/<category>/<photo>), in a repeatable order."""
+def catalogue_photos(
+    data: Path, roots: Mapping[str, Path] | None = None
+) -> tuple[list[tuple[Path, str]], Path]:
+    """((photo, category) in a repeatable order, the folder the index names them relative to) for
+    DATA/<category>/<photo>, every split of a split folder (DATA/{train,val,test}/<category>/<photo>),
+    or every photo a data step's manifest references, once each (balance's copies are one photo).
+
+    A manifest's photos lie elsewhere: they are named relative to the deepest folder holding them all
+    (the cleaned folder for split's output, so the audit names them as clean's corrections expect).
+    """
+    from ..data.manifest import has_manifest, read_manifest, resolve, root_folders
+
     data = Path(data)
+    if has_manifest(data):
+        manifest = read_manifest(data)
+        folders = root_folders(manifest, roots)
+        seen: dict[tuple[str, str], tuple[Path, str]] = {}
+        for entry in sorted(manifest.entries, key=lambda e: (e.category, e.file, e.root, e.path)):
+            seen.setdefault((entry.root, entry.path), (resolve(entry, folders), entry.category))
+        photos = list(seen.values())
+        if not photos:
+            raise StepError(f"the manifest in {data} lists no photos")
+        common = Path(os.path.commonpath([str(p.parent) for p, _ in photos]))
+        return photos, common
     if not data.is_dir():
         raise StepError(f"data {data} does not exist or is not a folder")
     subfolders = {p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    roots = (
+    folders_in = (
         [data / s for s in SPLITS if s in subfolders] if subfolders and subfolders <= set(SPLITS) else [data]
     )
     photos = [
         (path, category)
-        for root in roots
+        for root in folders_in
         for category, files in category_photos(root).items()
         for path in files
     ]
     if not photos:
         raise StepError(f"{data} holds no photos (expected {data}/<category>/<photo>)")
-    return photos
+    return photos, data
 
 
 def _prepare_out(out: Path) -> None:
@@ -200,12 +220,14 @@ def extract_features(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     show_progress: bool = True,
+    roots: Mapping[str, Path] | None = None,
 ) -> FeaturesResult:
-    """Embed every photo under DATA with MODEL (any form `resolve_model_dir` takes); write OUT."""
+    """Embed every photo under DATA (or that DATA's manifest references; `roots` says where those
+    lie here) with MODEL (any form `resolve_model_dir` takes); write OUT."""
     from ..training.model_source import resolve_model_dir
 
     data, out = Path(data), Path(out)
-    photos = catalogue_photos(data)
+    photos, data_root = catalogue_photos(data, roots)
     model_dir = resolve_model_dir(model)
     target = pick_device(device)
     network, spec = load_classifier(model_dir, target)
@@ -222,7 +244,7 @@ def extract_features(
         raise StepError(f"none of the {len(photos)} files under {data} is a readable photo")
     category_of = dict(photos)
     rows = [
-        (path.relative_to(data).as_posix(), category_of[path], product_id(path.name))
+        (path.relative_to(data_root).as_posix(), category_of[path], product_id(path.name))
         for path in embedded.files
     ]
     seconds = time.perf_counter() - started
@@ -251,10 +273,10 @@ def extract_features(
             "num_classes": spec.num_classes,
             "copy": MODEL_DIR,
         },
-        "data_root": str(data.resolve()),
+        "data_root": str(data_root.resolve()),
         "per_category": per_category,
         "unreadable": [
-            {"path": _relative(u.path, data), "reason": u.reason, "detail": u.detail}
+            {"path": _relative(u.path, data_root), "reason": u.reason, "detail": u.detail}
             for u in embedded.unreadable
         ],
         "device": str(target),

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.manifest import parse_roots
 from ..errors import StepError
 from . import checkpoints, distributed
 from .gpu_decode import BytesBatchPreparer, resolve_decode
@@ -71,6 +72,8 @@ class TrainConfig:
     ema: float = 0.0  # decay per step; 0 = off
     low_res_size: int | None = None
     low_res_epochs: int = 0
+    # NAME=DIR: where the photos the data's manifest references lie here (default: where written)
+    roots: list[str] | None = None
 
 
 class _Preemption:
@@ -351,7 +354,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     if decode == "gpu" and ctx.device.type != "cuda":
         notes.append("--decode gpu without CUDA: photos are decoded in the training process on the CPU")
     train_loader, val_loader, sampler = loaders(
-        data, spec, ctx, cfg.batch_size, cfg.workers, cfg.seed, decode, aug
+        data, spec, ctx, cfg.batch_size, cfg.workers, cfg.seed, decode, aug, parse_roots(cfg.roots)
     )
     prepare = batch_preparer(cfg, ctx, decode, train_loader.dataset, spec)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

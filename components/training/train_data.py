@@ -8,6 +8,7 @@ sampler hands the workers the epoch with every index.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..data.dataset import category_photos
 from ..data.images import ImageDecodeError, decode_image
+from ..data.manifest import Photo, has_split, split_categories, split_photos
 from ..errors import StepError
 from .distributed import Context
 from .gpu_decode import (
@@ -29,19 +31,31 @@ from .recipe import Augmentation, augment_crop
 
 
 class PhotoFolder(Dataset):
-    """<root>/<category>/<photo> with a fixed label list, so train and val agree on class indices."""
+    """Labelled photos with a fixed label list, so train and val agree on class indices.
 
-    def __init__(self, root: Path, labels: list[str], transform) -> None:
+    SOURCE is the photos of one split (`split_photos`) or a <category>/<photo> folder.
+    """
+
+    def __init__(self, source: Path | Sequence[Photo], labels: list[str], transform) -> None:
         index = {label: i for i, label in enumerate(labels)}
+        if isinstance(source, str | Path):
+            photos = [
+                Photo(p, c, f"{c}/{p.name}")
+                for c, files in category_photos(Path(source)).items()
+                for p in files
+            ]
+            where = str(source)
+        else:
+            photos, where = list(source), "the data"
         self.samples: list[tuple[Path, int]] = []
-        for category, files in category_photos(root).items():
-            if category not in index:
+        for photo in photos:
+            if photo.category not in index:
                 raise StepError(
-                    f"{root}/{category} is not a train category; every val category needs train photos"
+                    f"{where}: {photo.category} is not a train category; every val category needs train photos"
                 )
-            self.samples += [(path, index[category]) for path in files]
+            self.samples.append((photo.path, index[photo.category]))
         if not self.samples:
-            raise StepError(f"no photos in {root}/<category>/")
+            raise StepError(f"no photos in {where} (expected <category>/<photo>)")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -66,7 +80,7 @@ class TrainPhotos(PhotoFolder):
 
     def __init__(
         self,
-        root: Path,
+        root: Path | Sequence[Photo],
         labels: list[str],
         spec: ModelSpec,
         seed: int,
@@ -96,17 +110,17 @@ class TrainPhotos(PhotoFolder):
 
 
 def train_labels(data: Path) -> list[str]:
-    labels = (
-        [c for c, files in category_photos(data / "train").items() if files]
-        if (data / "train").is_dir()
-        else []
-    )
+    """The sorted train categories of DATA (a manifest folder or the folder layout): the class list."""
+    labels = split_categories(data, "train")
     if not labels:
         raise StepError(
-            f"no training photos: expected {data}/train/<category>/*.jpg (the output of the data steps)"
+            f"no training photos: expected {data}/manifest.jsonl.gz (the data steps' output) or "
+            f"{data}/train/<category>/*.jpg"
         )
-    if not (data / "val").is_dir():
-        raise StepError(f"no validation photos: expected {data}/val/<category>/*.jpg")
+    if not has_split(data, "val"):
+        raise StepError(
+            f"no validation photos: expected val rows in {data}'s manifest or {data}/val/<category>/*.jpg"
+        )
     return labels
 
 
@@ -141,10 +155,12 @@ def loaders(
     seed: int,
     decode: str = "cpu",
     aug: Augmentation | None = None,
+    roots: Mapping[str, Path] | None = None,
 ):
-    """Train and val loaders and the train sampler; `decode` is `cpu` or `gpu` (already resolved)."""
-    train_set = TrainPhotos(data / "train", spec.labels, spec, seed, decode, aug)
-    val_set = PhotoFolder(data / "val", spec.labels, eval_transform(spec))
+    """Train and val loaders and the train sampler; `decode` is `cpu` or `gpu` (already resolved).
+    `roots` says where the photos a manifest references lie here (default: where they were written)."""
+    train_set = TrainPhotos(split_photos(data, "train", roots), spec.labels, spec, seed, decode, aug)
+    val_set = PhotoFolder(split_photos(data, "val", roots), spec.labels, eval_transform(spec))
     sampler = EpochSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=False)
     common = {
         "num_workers": workers,

@@ -20,3 +20,15 @@ def add_step(steps, name: str, help_text: str, run) -> argparse.ArgumentParser:
     sub = steps.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(run=run)
     return sub
+
+
+def add_root_flag(parser: argparse.ArgumentParser) -> None:
+    """--root NAME=DIR: where the photos a data step's manifest references lie on this machine."""
+    parser.add_argument(
+        "--root",
+        dest="roots",
+        action="append",
+        metavar="NAME=DIR",
+        help="where the photos under root NAME of a manifest lie here, e.g. cleaned=/data/cleaned "
+        "(default: where they were when it was written); repeatable",
+    )

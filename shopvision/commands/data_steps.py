@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from . import add_step, positive_int
+from . import add_root_flag, add_step, positive_int
 
 ORDER = 10
 
@@ -53,6 +53,7 @@ def _run_balance(args: argparse.Namespace) -> None:
 
 def _run_augment(args: argparse.Namespace) -> None:
     from shopvision.components.data.augment import OPERATIONS, augment, summary
+    from shopvision.components.data.manifest import parse_roots
 
     operations = [op for op in OPERATIONS if op not in set(args.skip)]
     if args.only:
@@ -65,6 +66,7 @@ def _run_augment(args: argparse.Namespace) -> None:
         grain=args.grain,
         seed=args.seed,
         workers=args.workers,
+        roots=parse_roots(args.roots),
     )
     print(summary(result))
 
@@ -105,7 +107,12 @@ def add_parser(steps) -> None:
         _run_split,
     )
     split.add_argument("clean_dir", type=Path, help="output of 'shopvision clean'")
-    split.add_argument("out", type=Path, help="output: OUT/{train,val,test}/<category>/ and OUT/split.json")
+    split.add_argument(
+        "out",
+        type=Path,
+        help="output: OUT/manifest.jsonl.gz (each photo's split and group, by reference to CLEAN_DIR: "
+        "no photo is copied) and OUT/split.json",
+    )
     split.add_argument("--val", type=float, default=0.1, help="validation fraction (default 0.1)")
     split.add_argument("--test", type=float, default=0.1, help="test fraction (default 0.1)")
     split.add_argument("--seed", type=int, default=0)
@@ -140,15 +147,28 @@ def add_parser(steps) -> None:
         "oversample rare train categories up to a percentile of category counts",
         _run_balance,
     )
-    balance.add_argument("split_dir", type=Path, help="output of 'shopvision split'")
-    balance.add_argument("out", type=Path, help="output: same layout, train oversampled, OUT/balance.json")
+    balance.add_argument(
+        "split_dir", type=Path, help="output of 'shopvision split' (or SPLIT/train/<category>/ folders)"
+    )
+    balance.add_argument(
+        "out",
+        type=Path,
+        help="output: OUT/manifest.jsonl.gz (the same photos by reference, train copy counts raised) and "
+        "OUT/balance.json",
+    )
     balance.add_argument("--percentile", type=float, default=98.0, help="target percentile (default 98)")
 
     augment = add_step(
         steps, "augment", "add mirrored, rotated (cw/ccw) and grainy copies of the train photos", _run_augment
     )
     augment.add_argument("balanced_dir", type=Path, help="output of 'shopvision balance' (or split)")
-    augment.add_argument("out", type=Path, help="output: same layout plus augmented train photos")
+    augment.add_argument(
+        "out",
+        type=Path,
+        help="output: the new photos OUT/train/<category>/<name>.<op>.jpg and OUT/manifest.jsonl.gz (them, "
+        "and the input's photos by reference)",
+    )
+    add_root_flag(augment)
     augment.add_argument(
         "--skip",
         action="append",

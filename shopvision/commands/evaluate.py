@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_step, positive_int
+from . import add_root_flag, add_step, positive_int
 
 ORDER = 30
 
@@ -54,6 +54,7 @@ def _run_classify(args: argparse.Namespace) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
+    from shopvision.components.data.manifest import parse_roots
     from shopvision.components.evaluation.evaluate import evaluate, summary
     from shopvision.components.evaluation.predict import progress_printer
 
@@ -71,6 +72,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         device=args.device,
         progress=progress_printer("evaluate"),
         tta=args.tta,
+        roots=parse_roots(args.roots),
     )
     for u in result.unreadable:
         print(f"evaluate: unreadable {u.path}: {u.reason} ({u.detail})", file=sys.stderr)
@@ -120,8 +122,13 @@ def add_parser(steps) -> None:
     )
     _model_flags(evaluate)
     evaluate.add_argument(
-        "--data", type=Path, required=True, help="TEST_DIR/<category>/<photo>, or a split folder (its test/)"
+        "--data",
+        type=Path,
+        required=True,
+        help="the output of 'shopvision split' (its test photos), TEST_DIR/<category>/<photo>, or a split "
+        "folder (its test/)",
     )
+    add_root_flag(evaluate)
     evaluate.add_argument("--out", type=Path, required=True, help="folder for the results and the model copy")
     evaluate.add_argument(
         "--taxonomy", type=Path, help="CSV category,macro_category: macro-category accuracy"
@@ -143,8 +150,9 @@ def add_parser(steps) -> None:
     evaluate.add_argument(
         "--threshold-data",
         type=Path,
-        help="validation photos VAL_DIR/<category>/ to choose the threshold on (default: the val/ folder "
-        "of a split folder; never the test photos)",
+        help="validation photos VAL_DIR/<category>/, or split's output (its val photos; SPLIT/val names "
+        "them too), to choose the threshold on (default: the val photos beside the test photos; never "
+        "the test photos)",
     )
     evaluate.add_argument(
         "--run", dest="run_id", metavar="RUN_ID", help="also log metrics and files to this MLflow run"

@@ -6,12 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_step, positive_int
+from . import add_root_flag, add_step, positive_int
 
 ORDER = 35
 
 
 def _run_register(args: argparse.Namespace) -> None:
+    from shopvision.components.data.manifest import parse_roots
     from shopvision.components.registry.register import register, register_summary
 
     result = register(
@@ -21,11 +22,13 @@ def _run_register(args: argparse.Namespace) -> None:
         tracking_uri=args.tracking_uri,
         onnx_photos=args.onnx_photos,
         quantize=args.quantize,
+        roots=parse_roots(args.roots),
     )
     print(register_summary(result))
 
 
 def _run_promote(args: argparse.Namespace) -> None:
+    from shopvision.components.data.manifest import parse_roots
     from shopvision.components.evaluation.predict import progress_printer
     from shopvision.components.registry.promotion import promote, promote_summary
 
@@ -33,6 +36,7 @@ def _run_promote(args: argparse.Namespace) -> None:
         args.name,
         args.version,
         args.data,
+        roots=parse_roots(args.roots),
         min_gain=args.min_gain,
         min_accuracy=args.min_accuracy,
         alpha=args.alpha,
@@ -116,7 +120,7 @@ def add_parser(steps) -> None:
         type=Path,
         metavar="DIR",
         help="also store the model as model.onnx (for 'serve --runtime onnx'), checked on these photos: "
-        "a split folder (test/ checks, val/ calibrates int8) or DIR/<category>/<photo>; top-5 must "
+        "the output of 'shopvision split' or a split folder (test checks, val calibrates int8) or DIR/<category>/<photo>; top-5 must "
         "equal PyTorch's and probabilities agree to 1e-4, else nothing is registered",
     )
     register.add_argument(
@@ -125,6 +129,7 @@ def add_parser(steps) -> None:
         help="with --onnx-photos: also model.int8.onnx, static int8 calibrated on val/, its top-1 "
         "change on test/ stored as tags (serve's --runtime auto uses it only if <= 1%% of answers change)",
     )
+    add_root_flag(register)
     _tracking(register)
 
     promote = add_step(
@@ -141,8 +146,10 @@ def add_parser(steps) -> None:
         "--data",
         type=Path,
         required=True,
-        help="the split folder (train/ val/ test/ and split.json), or a TEST_DIR/<category>/<photo>",
+        help="the output of 'shopvision split', a split folder (train/ val/ test/ and split.json), or a "
+        "TEST_DIR/<category>/<photo>",
     )
+    add_root_flag(promote)
     promote.add_argument(
         "--min-gain", type=float, default=0.0, help="top-1 accuracy the candidate must gain (default 0)"
     )

@@ -6,18 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_step, positive_int
+from . import add_root_flag, add_step, positive_int
 
 ORDER = 50
 
 
 def _run_features(args: argparse.Namespace) -> None:
+    from shopvision.components.data.manifest import parse_roots
     from shopvision.components.similarity.features import extract_features, summary
 
     from .evaluate import use_tracking_uri
 
     use_tracking_uri(args.tracking_uri, args.model)
-    result = extract_features(args.model, args.data, args.out, batch_size=args.batch_size, device=args.device)
+    result = extract_features(
+        args.model,
+        args.data,
+        args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        roots=parse_roots(args.roots),
+    )
     for u in result.unreadable:
         print(f"features: unreadable {u.path}: {u.reason} ({u.detail})", file=sys.stderr)
     print(summary(result))
@@ -61,8 +69,12 @@ def add_parser(steps) -> None:
         _run_features,
     )
     features.add_argument(
-        "data", type=Path, help="DATA/<category>/<photo>, or a split folder (all its splits)"
+        "data",
+        type=Path,
+        help="DATA/<category>/<photo>, a split folder (all its splits), or a data step's output (every "
+        "photo its manifest references)",
     )
+    add_root_flag(features)
     features.add_argument(
         "--model",
         required=True,

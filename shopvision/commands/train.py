@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import add_step, positive_int
+from . import add_root_flag, add_step, positive_int
 
 ORDER = 20
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, a checkpoint was written
@@ -89,8 +89,14 @@ def add_parser(steps) -> None:
         "train a ResNet (default 34) on DATA/train, validate on DATA/val, track in MLflow",
         _run,
     )
-    p.add_argument("data", type=Path, help="DATA/train/<category>/*.jpg and DATA/val/<category>/*.jpg")
+    p.add_argument(
+        "data",
+        type=Path,
+        help="the output of 'shopvision balance' or 'augment' (a manifest), or DATA/train/<category>/*.jpg "
+        "and DATA/val/<category>/*.jpg",
+    )
     p.add_argument("--out", type=Path, required=True, help="checkpoints, model_best/, run.json, history")
+    add_root_flag(p)
     p.add_argument("--arch", choices=ARCHITECTURES, default="resnet34")
     p.add_argument("--depth", type=int, choices=RESNET_DEPTHS, help="short for --arch resnet<DEPTH>")
     p.add_argument("--epochs", type=positive_int, default=10)
