@@ -199,3 +199,16 @@ def fifo_unblocker(fifo: Path) -> Iterator[None]:
     finally:
         helper.kill()
         helper.wait()
+
+
+def split_tree(root: Path, sample_raw: Path, categories: int = 3, per_category: int = 4) -> Path:
+    """ROOT/{train,val}/<category>/ with the same first photos of the first sample categories in both:
+    a training folder layout small enough for a few steps."""
+    import shutil
+
+    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:categories]:
+        for split in ("train", "val"):
+            (root / split / category.name).mkdir(parents=True)
+            for photo in sorted(category.glob("*.jpg"))[:per_category]:
+                shutil.copy(photo, root / split / category.name / photo.name)
+    return root

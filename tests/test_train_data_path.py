@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from imagefactory import split_tree
 from PIL import Image
 from torch import nn
 
@@ -53,15 +53,6 @@ def _asymmetric_photo(path: Path, width: int = 72, height: int = 40) -> None:
             block = (x < width // 3) + 2 * (y < height // 4)
             pixels[x, y] = ((60 * block + 3 * x) % 256, (5 * y + x) % 256, (200 - 40 * block) % 256)
     image.save(path, quality=95)
-
-
-def _tree(root: Path, sample_raw: Path, categories: int = 3, per_category: int = 4) -> Path:
-    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:categories]:
-        for split in ("train", "val"):
-            (root / split / category.name).mkdir(parents=True)
-            for photo in sorted(category.glob("*.jpg"))[:per_category]:
-                shutil.copy(photo, root / split / category.name / photo.name)
-    return root
 
 
 def test_crop_boxes_follow_torchvision_random_resized_crop_limits():
@@ -101,7 +92,7 @@ def test_gpu_path_gives_the_cpu_path_geometry_on_an_asymmetric_photo(tmp_path):
 
 
 def test_png_in_a_jpeg_folder_falls_back_to_pillow_and_is_counted(tmp_path, sample_raw, capsys):
-    data = _tree(tmp_path, sample_raw, categories=1, per_category=3)
+    data = split_tree(tmp_path, sample_raw, categories=1, per_category=3)
     category = next((data / "train").iterdir())
     png = category / "drawn.png"
     _asymmetric_photo(tmp_path / "drawn.jpg")
@@ -122,7 +113,7 @@ def test_png_in_a_jpeg_folder_falls_back_to_pillow_and_is_counted(tmp_path, samp
 
 
 def test_a_jpeg_no_decoder_reads_is_a_clear_error(tmp_path, sample_raw):
-    data = _tree(tmp_path, sample_raw, categories=1, per_category=1)
+    data = split_tree(tmp_path, sample_raw, categories=1, per_category=1)
     photo = next((data / "train").rglob("*.jpg"))
     whole = photo.read_bytes()
     photo.write_bytes(whole[: len(whole) // 2])  # the header reads; the batched decoder refuses it
@@ -204,7 +195,7 @@ def _per_step_reference(data: Path, steps: int = 6):
 
 
 def test_every_n_steps_accounting_equals_per_step_accounting(tmp_path, sample_raw):
-    data = _tree(tmp_path, sample_raw, per_category=8)  # 24 photos: 6 steps of 4
+    data = split_tree(tmp_path, sample_raw, per_category=8)  # 24 photos: 6 steps of 4
     loss, error, means, reference = _per_step_reference(data)
     per_step, curve1, model1 = _epoch(data, "cpu", 1)
     every4, curve4, model4 = _epoch(data, "cpu", 4)
@@ -219,7 +210,7 @@ def test_every_n_steps_accounting_equals_per_step_accounting(tmp_path, sample_ra
 
 
 def test_gpu_decode_path_trains_like_the_cpu_path(tmp_path, sample_raw):
-    data = _tree(tmp_path, sample_raw, per_category=8)
+    data = split_tree(tmp_path, sample_raw, per_category=8)
     cpu, cpu_curve, _ = _epoch(data, "cpu", 2)
     gpu, gpu_curve, _ = _epoch(data, "gpu", 2)
     assert gpu["train_loss"] == pytest.approx(cpu["train_loss"], rel=1e-4)
@@ -228,7 +219,7 @@ def test_gpu_decode_path_trains_like_the_cpu_path(tmp_path, sample_raw):
 
 
 def test_sigterm_stops_the_loop_within_sync_every_steps(tmp_path, sample_raw):
-    data = _tree(tmp_path, sample_raw, categories=2, per_category=12)
+    data = split_tree(tmp_path, sample_raw, categories=2, per_category=12)
     labels = sorted(p.name for p in (data / "train").iterdir())
     spec = ModelSpec("resnet18", labels, image_size=32)
     loader, _, _ = loaders(data, spec, CPU, 2, 0, 0, "cpu")
@@ -258,7 +249,7 @@ def test_sigterm_stops_the_loop_within_sync_every_steps(tmp_path, sample_raw):
 
 
 def test_runs_with_sync_every_1_and_2_log_the_same_history(tmp_path, sample_raw):
-    data = _tree(tmp_path / "data", sample_raw, categories=2, per_category=4)  # 2 steps per epoch
+    data = split_tree(tmp_path / "data", sample_raw, categories=2, per_category=4)  # 2 steps per epoch
     histories = []
     for every in (1, 2):
         out = tmp_path / f"out{every}"
@@ -279,7 +270,7 @@ def test_runs_with_sync_every_1_and_2_log_the_same_history(tmp_path, sample_raw)
 def test_compiled_model_trains_like_eager_with_every_n_reads(tmp_path, sample_raw):
     """--compile wraps the model only; the device counters and the bytes path sit outside it, so the
     compiled model (traced by Dynamo/AOTAutograd) gives the eager losses with reads every 2 steps."""
-    data = _tree(tmp_path, sample_raw, per_category=4)  # 12 photos: 3 steps of 4
+    data = split_tree(tmp_path, sample_raw, per_category=4)  # 12 photos: 3 steps of 4
     eager, eager_curve, _ = _epoch(data, "gpu", 2, steps=3)
     compiled, compiled_curve, _ = _epoch(data, "gpu", 2, steps=3, compile=True)
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)

@@ -10,12 +10,11 @@ give class probabilities, the EMA weights are what model_best keeps, and a prese
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from imagefactory import split_tree
 
 from shopvision.cli import build_parser
 from shopvision.components.errors import StepError
@@ -41,17 +40,8 @@ from shopvision.components.training.train_data import TrainPhotos
 CPU = SimpleNamespace(rank=0, world_size=1, distributed=False, device=torch.device("cpu"))
 
 
-def _tree(root: Path, sample_raw: Path, categories: int = 3, per_category: int = 3) -> Path:
-    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:categories]:
-        for split in ("train", "val"):
-            (root / split / category.name).mkdir(parents=True)
-            for photo in sorted(category.glob("*.jpg"))[:per_category]:
-                shutil.copy(photo, root / split / category.name / photo.name)
-    return root
-
-
 def test_the_policy_and_erasing_are_keyed_by_photo_and_epoch_in_both_data_paths(tmp_path, sample_raw):
-    data = _tree(tmp_path, sample_raw)
+    data = split_tree(tmp_path, sample_raw, per_category=3)
     labels = sorted(p.name for p in (data / "train").iterdir())
     spec = ModelSpec("resnet18", labels, image_size=48)
     aug = Augmentation(policy="trivialaugment", erasing=1.0, image_size=48)
@@ -71,7 +61,7 @@ def test_the_policy_and_erasing_are_keyed_by_photo_and_epoch_in_both_data_paths(
 
 
 def test_low_resolution_epochs_come_first(tmp_path, sample_raw):
-    data = _tree(tmp_path, sample_raw, categories=1, per_category=1)
+    data = split_tree(tmp_path, sample_raw, categories=1, per_category=1)
     spec = ModelSpec("resnet18", [next((data / "train").iterdir()).name], image_size=64)
     aug = Augmentation(image_size=64, low_res_size=32, low_res_epochs=2)
     photos = TrainPhotos(data / "train", spec.labels, spec, seed=0, decode="cpu", aug=aug)
@@ -134,7 +124,7 @@ def test_the_ema_moves_toward_the_weights_by_its_decay():
 
 
 def test_a_run_with_every_lever_keeps_the_ema_weights_as_model_best(tmp_path, sample_raw):
-    data = _tree(tmp_path / "data", sample_raw)
+    data = split_tree(tmp_path / "data", sample_raw, per_category=3)
     cfg = TrainConfig(
         data=str(data), out=str(tmp_path / "out"), arch="resnet18", epochs=2, batch_size=4, workers=0,
         lr=0.01, image_size=40, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", augment="randaugment",
@@ -212,7 +202,7 @@ def test_resnet_imagenet_weights_a_user_brings_load_by_path_and_must_fit(tmp_pat
     torch.manual_seed(3)
     weights = tmp_path / "resnet18-imagenet.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=1000).state_dict(), weights)
-    data = _tree(tmp_path / "data", sample_raw)
+    data = split_tree(tmp_path / "data", sample_raw, per_category=3)
     cfg = TrainConfig(
         data=str(data), out=str(tmp_path / "out"), arch="resnet18", epochs=1, batch_size=4, workers=0,
         image_size=32, pretrained=str(weights), freeze_backbone=True, max_steps_per_epoch=1,

@@ -262,20 +262,28 @@ def data_photos(data: Path, roots: Mapping[str, Path] | None = None) -> DataPhot
     root = data
     if not (data / MANIFEST).is_file() and data.name in SPLITS and (data.parent / MANIFEST).is_file():
         root = data.parent
-    photos = read_split_photos(root, SPLITS)
-    by_hash: dict[str, EvaluationPhoto] = {}
-    test: set[str] = set()
-    for photo in sorted(photos, key=lambda p: (p.split != "test", p.split, p.file)):
+    rows = []
+    for photo in read_split_photos(root, SPLITS):
         path = photo.path(root)
         if not path.is_file():
             path = root / photo.file  # a plain <category>/ folder read as the test split
-        if not path.is_file() or photo.sha256 in by_hash:
+        rows.append((photo.sha256, photo.category, photo.split, photo.file, path))
+    return _by_content(rows, root, str(data))
+
+
+def _by_content(rows: list[tuple[str, str, str, str, Path]], root: Path, where: str) -> DataPhotos:
+    """DataPhotos from (sha256, category, split, file, path) rows: the first photo on disk of each
+    content hash, test rows first, so a photo in test and elsewhere counts as test."""
+    by_hash: dict[str, EvaluationPhoto] = {}
+    test: set[str] = set()
+    for sha256, category, split, _, path in sorted(rows, key=lambda r: (r[2] != "test", r[2], r[3])):
+        if sha256 in by_hash or not path.is_file():
             continue
-        by_hash[photo.sha256] = EvaluationPhoto(photo.sha256, photo.category, path)
-        if photo.split == "test":
-            test.add(photo.sha256)
+        by_hash[sha256] = EvaluationPhoto(sha256, category, path)
+        if split == "test":
+            test.add(sha256)
     if not by_hash:
-        raise StepError(f"no photos found in {data}")
+        raise StepError(f"no photos found in {where}")
     return DataPhotos(root, by_hash, sorted(test))
 
 
@@ -291,18 +299,8 @@ def _manifest_photos(folder: Path, roots: Mapping[str, Path] | None) -> DataPhot
             "hashes the frozen evaluation set is matched on: give split's output"
         )
     folders = root_folders(manifest, roots)
-    by_hash: dict[str, EvaluationPhoto] = {}
-    test: set[str] = set()
-    for entry in sorted(originals, key=lambda e: (e.split != "test", e.split, e.file)):
-        path = resolve(entry, folders)
-        if entry.sha256 in by_hash or not path.is_file():
-            continue
-        by_hash[entry.sha256] = EvaluationPhoto(entry.sha256, entry.category, path)
-        if entry.split == "test":
-            test.add(entry.sha256)
-    if not by_hash:
-        raise StepError(f"no photos found in the manifest in {folder}")
-    return DataPhotos(folder, by_hash, sorted(test))
+    rows = [(e.sha256, e.category, e.split, e.file, resolve(e, folders)) for e in originals]
+    return _by_content(rows, folder, f"the manifest in {folder}")
 
 
 @dataclass

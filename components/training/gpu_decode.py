@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..data.images import ImageDecodeError, decode_image
 from ..errors import StepError
-from .recipe import augment_crop, normalise  # noqa: F401 (normalise: both data paths' one normaliser)
+from .recipe import augment_crop
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RATIO = (3 / 4, 4 / 3)
