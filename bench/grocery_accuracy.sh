@@ -8,6 +8,7 @@
 #   TRAIN_ARGS="--ema 0" bench/grocery_accuracy.sh   (the preset with one lever changed)
 #   PRESET=none SIZE=160 EPOCHS=8 bench/grocery_accuracy.sh  (the first release's recipe: image
 #       size, default 224; epochs, default 5)
+#   PRESET=none ARCH=efficientnet_lite1 bench/grocery_accuracy.sh  (that recipe on another backbone)
 #   PROTOCOL=split PRESET=none SIZE=160 EPOCHS=8 bench/grocery_accuracy.sh
 #       the pipeline's own split instead: every photo, no use of the train_/val_ names; split's
 #       look-alike groups decide train/val/test, and the test split is scored (threshold chosen on val)
@@ -25,7 +26,7 @@ $B clean "$DATA/raw" "$W/cleaned"
 export MLFLOW_TRACKING_URI="sqlite:///$W/mlflow.db"
 train() {
   if [ "${PRESET:-product-photos}" = none ]; then  # the first release's recipe (rows 2-5)
-    $B train "$1" --out "$W/train-out" --arch efficientnet_lite0 --pretrained imagenet \
+    $B train "$1" --out "$W/train-out" --arch "${ARCH:-efficientnet_lite0}" --pretrained imagenet \
       --epochs "${EPOCHS:-5}" --lr 0.02 --batch-size 32 --image-size "${SIZE:-224}" --workers 2 \
       --experiment "grocery-${PROTOCOL:-heldout}"
   else  # the preset the pipeline's `--arg preset=product-photos` trains; TRAIN_ARGS adds or overrides

@@ -1,6 +1,7 @@
 """The benchmarks still run: a tiny smoke run of each one that needs nothing outside the venv.
 
-That is train_throughput.py, serve_vs_mlflow.py and near_duplicates.py. clean_vs_imagemagick.py
+That is train_throughput.py, serve_vs_mlflow.py, near_duplicates.py and grocery_probe.py (on sample
+photos renamed as the grocery set's lists). clean_vs_imagemagick.py
 needs ImageMagick, and split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its
 held-out `val_*` photos are the reference), and scale.py Debian's dataset-fashion-mnist and tens of
 minutes, and artifact_bytes.py a whole kfp.local pipeline run, so they are run by hand. Speed is not asserted here (timed
@@ -21,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The venv-only ones, each run below.
-BENCHES = {"train_throughput.py", "serve_vs_mlflow.py", "near_duplicates.py"}
+BENCHES = {"train_throughput.py", "serve_vs_mlflow.py", "near_duplicates.py", "grocery_probe.py"}
 
 
 def _bench_module(name: str):
@@ -164,3 +165,39 @@ def test_artifact_bytes_counts_a_hard_link_as_a_copy(tmp_path):
     (task / "clean_report.json").write_text("{}")
     row = bench.task_bytes(tmp_path / "run")["clean-photos"]
     assert row == {"files": 3, "bytes": 2002, "photo_bytes": 2000, "model_bytes": 0}
+
+
+def _probe_bench(cleaned: Path, features: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "grocery_probe.py"), str(cleaned), "--features", str(features)]
+        + ["--backbones", "efficientnet_lite0:64", "--seeds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_grocery_probe_scores_validation_and_held_out_photos_and_reuses_its_features(sample_raw, tmp_path):
+    cleaned = tmp_path / "cleaned"
+    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:3]:
+        (cleaned / category.name).mkdir(parents=True)
+        for i, photo in enumerate(sorted(category.glob("*.jpg"))):
+            name = photo.name if i % 3 else photo.name.replace("train_", "val_")
+            shutil.copy(photo, cleaned / category.name / name)
+    first = _probe_bench(cleaned, tmp_path / "features")
+    assert first.returncode == 0, first.stderr[-2000:]
+    row = re.search(r"^efficientnet_lite0@64\s+(\S+)\s+([\d.]+)±[\d.]+\s+([\d.]+)±", first.stdout, re.M)
+    assert row and float(row.group(1)) > 0, first.stdout
+    assert 0 <= float(row.group(2)) <= 1 and 0 <= float(row.group(3)) <= 1
+    assert (tmp_path / "features" / "efficientnet_lite0_64.npy").is_file()
+    again = _probe_bench(cleaned, tmp_path / "features")
+    assert again.returncode == 0, again.stderr[-2000:]
+    cached = re.search(r"^efficientnet_lite0@64\s+nan\s+(.*)$", again.stdout, re.M)
+    assert cached and first.stdout.splitlines()[1].split()[2:] == cached.group(1).split(), again.stdout
+
+
+def test_grocery_probe_refuses_a_folder_without_the_lists(tmp_path):
+    done = _probe_bench(tmp_path, tmp_path / "features")
+    assert (
+        done.returncode == 2 and "no CATEGORY/train_*.jpg" in done.stderr and "Traceback" not in done.stderr
+    )
