@@ -187,7 +187,8 @@ def test_grocery_probe_scores_validation_and_held_out_photos_and_reuses_its_feat
     first = _probe_bench(cleaned, tmp_path / "features")
     assert first.returncode == 0, first.stderr[-2000:]
     row = re.search(r"^efficientnet_lite0@64\s+(\S+)\s+([\d.]+)±[\d.]+\s+([\d.]+)±", first.stdout, re.M)
-    assert row and float(row.group(1)) > 0, first.stdout
+    # Computed, so a number of seconds (not its value: a smoke run can take under half a second).
+    assert row and float(row.group(1)) >= 0, first.stdout
     assert 0 <= float(row.group(2)) <= 1 and 0 <= float(row.group(3)) <= 1
     assert (tmp_path / "features" / "efficientnet_lite0_64.npy").is_file()
     again = _probe_bench(cleaned, tmp_path / "features")
