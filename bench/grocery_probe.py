@@ -83,20 +83,20 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="folder that keeps the features between runs")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    cleaned = args.cleaned
-    files = sorted(cleaned.glob("*/*.jpg"))
-    if not any(p.name.startswith("val_") for p in files) or not any(
-        p.name.startswith("train_") for p in files
-    ):
+    files = sorted(args.cleaned.glob("*/*.jpg"))
+    train = np.array([p.name.startswith("train_") for p in files], dtype=bool)
+    held = np.nonzero([p.name.startswith("val_") for p in files])[0]
+    if not train.any() or not len(held):
         parser.error(
-            f"{cleaned}: no CATEGORY/train_*.jpg and CATEGORY/val_*.jpg photos (clean's output of the grocery set)"
+            f"{args.cleaned}: no CATEGORY/train_*.jpg and CATEGORY/val_*.jpg photos (clean's output of the grocery set)"
         )
     labels = np.array([p.parent.name for p in files])
     numbers = np.array([int(m.group(1)) if (m := re.search(r"_(\d+)\.jpg$", p.name)) else -1 for p in files])
-    train = np.array([p.name.startswith("train_") for p in files])
-    held = np.nonzero([p.name.startswith("val_") for p in files])[0]
-    members = {c: np.nonzero(train & (labels == c))[0] for c in np.unique(labels[train])}
-    members = {c: idx[np.argsort(numbers[idx], kind="stable")] for c, idx in members.items()}
+    # Each category's train_* photos in file-number order (the block probe takes the last ones).
+    members = {}
+    for category in np.unique(labels[train]):
+        idx = np.nonzero(train & (labels == category))[0]
+        members[category] = idx[np.argsort(numbers[idx], kind="stable")]
 
     print(f"{'backbone':26} {'features s':>10} {'validation':>11} {'val_*':>7} {'gap':>6}")
     first = None
