@@ -73,12 +73,26 @@ def _share(members: dict[str, np.ndarray], fraction: float, pick) -> np.ndarray:
     return np.concatenate([pick(idx, max(1, round(fraction * len(idx)))) for idx in members.values()])
 
 
+def _backbones(text: str) -> list[tuple[str, int]]:
+    """'efficientnet_lite0:160,...' → [(arch, size), ...]; argparse turns a ValueError into one line."""
+    from components.training.architectures import EFFICIENTNET_LITES
+
+    pairs = []
+    for item in text.split(","):
+        arch, _, size = item.strip().partition(":")
+        if arch not in EFFICIENTNET_LITES or not size.isdigit() or int(size) < 32:
+            raise ValueError(item)
+        pairs.append((arch, int(size)))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cleaned", type=Path, help="the grocery set after `shopvision clean`")
     parser.add_argument(
-        "--backbones", default="efficientnet_lite0:160,efficientnet_lite0:224,efficientnet_lite1:224,"
-        "efficientnet_lite2:224", help="ARCH:SIZE,... (the sizes a 224-px clean allows)"
+        "--backbones", type=_backbones, default="efficientnet_lite0:160,efficientnet_lite0:224,"
+        "efficientnet_lite1:224,efficientnet_lite2:224",
+        help="ARCH:SIZE,... with ARCH an efficientnet_lite<0-2> and SIZE ≥ 32 (a 224-px clean allows up to 224)"
     )  # fmt: skip
     parser.add_argument("--features", type=Path, help="folder that keeps the features between runs")
     parser.add_argument("--seeds", type=int, default=3)
@@ -100,7 +114,7 @@ def main() -> None:
 
     print(f"{'backbone':26} {'features s':>10} {'validation':>11} {'val_*':>7} {'gap':>6}")
     first = None
-    for arch, size in ((a, int(s)) for a, s in (b.split(":") for b in args.backbones.split(","))):
+    for arch, size in args.backbones:
         features, seconds = _features(files, arch, size, args.features)
         first = first if first is not None else features
         scores = []

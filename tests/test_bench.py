@@ -202,3 +202,19 @@ def test_grocery_probe_refuses_a_folder_without_the_lists(tmp_path):
     assert (
         done.returncode == 2 and "no CATEGORY/train_*.jpg" in done.stderr and "Traceback" not in done.stderr
     )
+
+
+def test_grocery_probe_refuses_an_unknown_backbone(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "grocery_probe.py"),
+            str(tmp_path),
+            "--backbones",
+            "resnet50:224",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--backbones" in done.stderr and "Traceback" not in done.stderr
