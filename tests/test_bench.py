@@ -1,8 +1,8 @@
 """The benchmarks still run: a tiny smoke run of each one that needs nothing outside the venv.
 
-That is train_throughput.py, serve_vs_mlflow.py, near_duplicates.py and grocery_probe.py (on sample
-photos renamed as the grocery set's lists). clean_vs_imagemagick.py
-needs ImageMagick, and split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its
+That is train_throughput.py, serve_vs_mlflow.py, near_duplicates.py, grocery_compare.py (on two tiny
+models' evaluations) and grocery_probe.py (on sample photos renamed as the grocery set's lists).
+clean_vs_imagemagick.py needs ImageMagick, and split_leakage.py and grocery_accuracy.sh the grocery-store set in ../shared (its
 held-out `val_*` photos are the reference), and scale.py Debian's dataset-fashion-mnist and tens of
 minutes, and artifact_bytes.py a whole kfp.local pipeline run, so they are run by hand. Speed is not asserted here (timed
 unit tests lie on a shared CI machine); the ratios come from the benchmarks themselves, run by hand
@@ -10,6 +10,7 @@ unit tests lie on a shared CI machine); the ratios come from the benchmarks them
 What is asserted is that each side of a comparison is measured the same way.
 """
 
+import csv
 import importlib.util
 import re
 import shutil
@@ -22,7 +23,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The venv-only ones, each run below.
-BENCHES = {"train_throughput.py", "serve_vs_mlflow.py", "near_duplicates.py", "grocery_probe.py"}
+BENCHES = {
+    "train_throughput.py",
+    "serve_vs_mlflow.py",
+    "near_duplicates.py",
+    "grocery_probe.py",
+    "grocery_compare.py",
+}
 
 
 def _bench_module(name: str):
@@ -218,3 +225,46 @@ def test_grocery_probe_refuses_an_unknown_backbone(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "--backbones" in done.stderr and "Traceback" not in done.stderr
+
+
+def _compare_bench(*works: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "grocery_compare.py"), *map(str, works)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_grocery_compare_pairs_two_runs_on_the_photos_both_scored(sample_raw, tmp_path):
+    from tiny_models import fitted_model
+
+    from shopvision.components.evaluation.evaluate import evaluate
+
+    labels, photos, categories, test = [], [], [], tmp_path / "test"
+    for category in sorted(p for p in sample_raw.iterdir() if p.is_dir())[:3]:
+        labels.append(category.name)
+        files = sorted(category.glob("*.jpg"))
+        photos += files[:2]
+        categories += [category.name] * 2
+        (test / category.name).mkdir(parents=True)
+        for photo in files[2:8]:
+            shutil.copy(photo, test / category.name / photo.name)
+    rights = {}
+    for name, seed in (("base", 0), ("other", 1)):
+        model = fitted_model(tmp_path / f"model-{name}", labels, photos, categories, seed=seed, steps=30)
+        evaluate(model, test, tmp_path / name / "eval")
+        with (tmp_path / name / "eval" / "predictions.csv").open(newline="") as rows:
+            rights[name] = {r["file"]: r["correct"] == "1" for r in csv.DictReader(rows)}
+    done = _compare_bench(tmp_path / "base", tmp_path / "other")
+    assert done.returncode == 0, done.stderr[-2000:]
+    base_row, other_row = done.stdout.splitlines()[1:]
+    assert base_row.startswith("base ") and "+0.000 [+0.000, +0.000] (+0/-0, McNemar p=1.000)" in base_row
+    gained = sum(rights["other"][f] and not rights["base"][f] for f in rights["base"])
+    lost = sum(rights["base"][f] and not rights["other"][f] for f in rights["base"])
+    assert f"(+{gained}/-{lost}, McNemar p=" in other_row, done.stdout
+
+
+def test_grocery_compare_refuses_a_folder_that_is_no_finished_run(tmp_path):
+    done = _compare_bench(tmp_path, tmp_path)
+    assert done.returncode == 2 and "eval/metrics.json" in done.stderr and "Traceback" not in done.stderr
