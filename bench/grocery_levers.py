@@ -50,7 +50,9 @@ def _variants(train_out: Path, scratch: Path) -> list[tuple[str, Path, str]]:
         raw.load_state_dict(read_state_dict(train_out / "model_best.pt"))
         save_classifier(scratch / "raw", raw, spec)
         rows.append(("raw weights of the best epoch (no EMA)", scratch / "raw", "none"))
-    low = state["config"].get("low_res_size")
+    config = state["config"]
+    # A low-resolution size that no epoch trained at gives no row.
+    low = config.get("low_res_size") if config.get("low_res_epochs") else None
     if low and low != spec.image_size:
         small = ModelSpec(**{**json.loads(spec.to_json()), "image_size": low, "resize_size": None})
         save_classifier(scratch / "low", build_model(small).eval(), small)
