@@ -12,7 +12,6 @@ points can show. Nothing here is chosen: it reads what each run already reported
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -31,8 +30,9 @@ def read_run(work: Path) -> tuple[dict, dict[str, bool]]:
     for path in (metrics_path, predictions_path):
         if not path.is_file():
             raise RunError(f"{work}: no {path.relative_to(work)} (is it a finished grocery_accuracy.sh run?)")
-    with predictions_path.open(newline="", encoding="utf-8") as rows:
-        right = {f"{r['true_category']}/{r['file']}": r["correct"] == "1" for r in csv.DictReader(rows)}
+    from shopvision.components.evaluation.report import read_predictions
+
+    right = {f"{p.true_category}/{p.file}": p.correct for p in read_predictions(predictions_path)}
     return json.loads(metrics_path.read_text()), right
 
 
@@ -42,20 +42,21 @@ def _number(value: float | None, digits: int) -> str:
 
 def compare(works: list[Path]) -> list[str]:
     """The table's lines: each run's headline numbers and its paired difference to the first."""
-    from shopvision.components.registry.significance import paired_comparison
+    from shopvision.components.registry.promotion_gate import Score
+    from shopvision.components.registry.promotion_gate import compare as paired_scores
 
     runs = [(work, *read_run(work)) for work in works]
-    base = runs[0][2]
+    base = Score.of(runs[0][2])
     lines = [
         f"{'run':28} {'val_* top-1':>11} {'top-5':>6} {'macro':>6} {'threshold':>9} {'covered':>8} "
         f"{'acc there':>9}  vs {runs[0][0].name}"
     ]
     for work, metrics, right in runs:
-        if set(right) != set(base):
-            raise RunError(f"{work}: scored other photos than {runs[0][0]} (not paired)")
-        b = sum(right[f] and not base[f] for f in base)
-        c = sum(base[f] and not right[f] for f in base)
-        paired = paired_comparison(b, c, len(base))
+        try:
+            paired = paired_scores(Score.of(right), base)
+        except ValueError:
+            raise RunError(f"{work}: scored other photos than {runs[0][0]}, or none (not paired)") from None
+        b, c = paired.candidate_only, paired.champion_only
         cov = metrics["coverage"]
         macro = metrics.get("macro_category", {}).get("accuracy")
         chosen = metrics.get("confidence_threshold")

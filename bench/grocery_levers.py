@@ -17,7 +17,6 @@ p-value: with ~300 photos, a point or two is within chance.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import tempfile
@@ -64,15 +63,15 @@ def _variants(train_out: Path, scratch: Path) -> list[tuple[str, Path, str]]:
 
 def _score(model: Path, test: Path, val: Path, out: Path, taxonomy: Path, tta: str) -> dict:
     from shopvision.components.evaluation.evaluate import evaluate
+    from shopvision.components.evaluation.report import read_predictions
 
     result = evaluate(model, test, out, taxonomy=taxonomy, threshold_data=val, tta=tta)
-    with (out / "predictions.csv").open(newline="") as rows:
-        right = {row["file"]: row["correct"] == "1" for row in csv.DictReader(rows)}
+    right = {p.file: p.correct for p in read_predictions(out / "predictions.csv")}
     return {"metrics": result.metrics, "right": right}
 
 
 def main() -> None:
-    from shopvision.components.registry.significance import paired_comparison
+    from shopvision.components.registry.promotion_gate import Score, compare
 
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "grocery-accuracy").resolve()
     taxonomy = ROOT.parent / "shared" / "datasets" / "grocery-store" / "taxonomy.csv"
@@ -84,15 +83,14 @@ def main() -> None:
             on_val = _score(model, val, val, scratch / f"v{i}", taxonomy, tta)
             on_held = _score(model, held, val, scratch / f"h{i}", taxonomy, tta)
             rows.append((name, on_val, on_held))
-    first = rows[0][2]["right"]
+    first = Score.of(rows[0][2]["right"])
     print(f"{'answering with':44} {'val top-1':>9} {'val_* top-1':>11} {'macro':>6} {'covered':>8} "
           f"{'acc there':>9}  vs row 1 on val_*")  # fmt: skip
     for name, on_val, on_held in rows:
         m = on_held["metrics"]
         coverage = m["coverage"]
-        b = sum(on_held["right"][f] and not first[f] for f in first)
-        c = sum(first[f] and not on_held["right"][f] for f in first)
-        paired = paired_comparison(b, c, len(first))
+        paired = compare(Score.of(on_held["right"]), first)
+        b, c = paired.candidate_only, paired.champion_only
         accuracy = "-" if coverage["accuracy"] is None else f"{coverage['accuracy']:.3f}"
         print(
             f"{name:44} {on_val['metrics']['top1_accuracy']:9.3f} {m['top1_accuracy']:11.3f} "
