@@ -39,6 +39,13 @@ def _bench_module(name: str):
     return module
 
 
+def _run_bench(script: Path, *args: str | Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """A bench script as a user runs it: its own process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_every_bench_script_is_smoke_run_here_or_says_what_it_needs():
     scripts = {p.name for p in (REPO / "bench").iterdir() if p.suffix in {".py", ".sh"}}
     needs_more = {
@@ -85,12 +92,10 @@ def test_train_throughput_reference_loop_keeps_its_loader_workers_as_ours_does(s
 
 
 def test_train_throughput_bench_measures_both_loops(sample_raw):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--raw", str(sample_raw)]
-        + ["--depths", "18", "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1"]
-        + ["--workers", "0", "--device", "cpu"],
-        capture_output=True,
-        text=True,
+    done = _run_bench(
+        REPO / "bench" / "train_throughput.py",
+        *["--raw", sample_raw, "--depths", "18", "--image-size", "32", "--batch-size", "4"],
+        *["--steps", "2", "--warmup", "1", "--workers", "0", "--device", "cpu"],
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -101,29 +106,15 @@ def test_train_throughput_bench_measures_both_loops(sample_raw):
 
 
 def test_train_throughput_bench_refuses_an_unknown_depth(sample_raw):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "train_throughput.py"),
-            "--raw",
-            str(sample_raw),
-            "--depths",
-            "19",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run_bench(REPO / "bench" / "train_throughput.py", "--raw", sample_raw, "--depths", "19")
     assert done.returncode == 2 and "unknown ResNet depth" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_serve_bench_measures_both_servers_on_the_same_model():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "serve_vs_mlflow.py")]
-        + ["--seconds", "2", "--rounds", "2", "--warmup", "0.5", "--clients", "2"]
-        + ["--image-size", "32", "--photos", "4", "--device", "cpu", "--runtimes", "torch,onnx"],
-        capture_output=True,
-        text=True,
+    done = _run_bench(
+        REPO / "bench" / "serve_vs_mlflow.py",
+        *["--seconds", "2", "--rounds", "2", "--warmup", "0.5", "--clients", "2"],
+        *["--image-size", "32", "--photos", "4", "--device", "cpu", "--runtimes", "torch,onnx"],
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -146,12 +137,7 @@ def test_serve_bench_measures_both_servers_on_the_same_model():
 
 
 def test_near_duplicates_bench_prints_every_size_and_the_growth():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "near_duplicates.py"), "--sizes", "2000", "4000"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run_bench(REPO / "bench" / "near_duplicates.py", "--sizes", "2000", "4000", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for kind in ("uniform", "clustered"):
         assert re.search(rf"^{kind}\s+2000\s+[\d.]+\s+[\d.]+\s+\d+\s*$", done.stdout, re.M), done.stdout
@@ -175,11 +161,9 @@ def test_artifact_bytes_counts_a_hard_link_as_a_copy(tmp_path):
 
 
 def _probe_bench(cleaned: Path, features: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "bench" / "grocery_probe.py"), str(cleaned), "--features", str(features)]
-        + ["--backbones", "efficientnet_lite0:64", "--seeds", "1"],
-        capture_output=True,
-        text=True,
+    return _run_bench(
+        REPO / "bench" / "grocery_probe.py",
+        *[cleaned, "--features", features, "--backbones", "efficientnet_lite0:64", "--seeds", "1"],
         timeout=300,
     )
 
@@ -212,28 +196,12 @@ def test_grocery_probe_refuses_a_folder_without_the_lists(tmp_path):
 
 
 def test_grocery_probe_refuses_an_unknown_backbone(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "grocery_probe.py"),
-            str(tmp_path),
-            "--backbones",
-            "resnet50:224",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run_bench(REPO / "bench" / "grocery_probe.py", tmp_path, "--backbones", "resnet50:224")
     assert done.returncode == 2 and "--backbones" in done.stderr and "Traceback" not in done.stderr
 
 
 def _compare_bench(*works: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "bench" / "grocery_compare.py"), *map(str, works)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return _run_bench(REPO / "bench" / "grocery_compare.py", *works)
 
 
 def test_grocery_compare_pairs_two_runs_on_the_photos_both_scored(sample_raw, tmp_path):
